@@ -1,0 +1,216 @@
+"""Step 1, generate: batched continuations of prompts, capturing the lm_head input behind every token.
+
+Two ways to get states:
+- `generate_continuations`: the model writes (greedy or sampled); a pre-hook on the output layer keeps
+  the last position of each lm_head call, which is the state that chose the next token, whether the
+  model projects the whole sequence or only the last position (transformers versions differ there).
+- `capture_continuation_states`: given (prompt, continuation) texts, one batched forward pass of the
+  model body (no vocabulary projection) yields the state before every continuation token.
+Both sort rows by length before batching, so padding stays small, and restore the input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eigenshift_core.errors import InputError
+from eigenshift_core.intervention import Intervention
+from eigenshift_core.loading import LoadedModel, Tokenizer, output_layer
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Continuations:
+    """n continuations with their tokens and the states that produced them.
+
+    prompt_index (n,) which prompt each row continues; texts: the continuation texts;
+    token_ids (n, T) long, padded with -1 past `lengths` (n,); states (n, T, d) float32, zeros past length;
+    spans: per row, the (start, end) characters of each token in its text.
+    """
+
+    prompts: list[str]
+    prompt_index: torch.Tensor
+    texts: list[str]
+    token_ids: torch.Tensor
+    lengths: torch.Tensor
+    states: torch.Tensor
+    spans: list[list[Span]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def row_states(self, row: int) -> torch.Tensor:
+        """(length, d) states of one row."""
+        return self.states[row, : int(self.lengths[row])]
+
+    def row_tokens(self, row: int) -> torch.Tensor:
+        return self.token_ids[row, : int(self.lengths[row])]
+
+
+@contextmanager
+def captured_head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the last-position lm_head input, (batch, d) float32 on CPU, of every forward inside the block."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        hidden = args[0]  # (batch, positions, d): all positions or only the last one
+        captured.append(hidden[:, -1, :].detach().to("cpu", torch.float32))
+
+    handle = output_layer(model).register_forward_pre_hook(hook)  # type: ignore[arg-type]
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _stop_token_ids(lm: LoadedModel) -> set[int]:
+    ids = lm.model.generation_config.eos_token_id
+    stop = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if lm.tokenizer.eos_token_id is not None:
+        stop.add(int(lm.tokenizer.eos_token_id))
+    return stop
+
+
+def token_spans(tokenizer: Tokenizer, token_ids: Sequence[int]) -> tuple[str, list[Span]]:
+    """Decode tokens and give each its character span in the decoded text (by incremental decoding)."""
+    spans: list[Span] = []
+    previous = 0
+    for end in range(1, len(token_ids) + 1):
+        length = len(tokenizer.decode(token_ids[:end], skip_special_tokens=True))
+        spans.append((previous, max(previous, length)))
+        previous = max(previous, length)
+    return tokenizer.decode(token_ids, skip_special_tokens=True), spans
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if len(prompts) == 0:
+        raise InputError("the prompt set is empty", field="prompts")
+
+
+@torch.inference_mode()
+def generate_continuations(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    intervention: Intervention | None = None,
+    progress: bool = False,
+) -> Continuations:
+    """Continue each prompt `samples` times and capture the state behind every generated token.
+
+    Rows are prompt-major (prompt 0's samples first). Sampling is seeded per batch (seed + batch number),
+    so the same seed and batch_size give the same samples, with or without an intervention.
+    The paper's protocol is samples=25, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=1.0.
+    """
+    _check_prompts(prompts)
+    if samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise InputError("samples, max_new_tokens and batch_size must be at least 1", field="samples")
+    tokenizer, model = lm.tokenizer, lm.model
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    if any(len(ids) == 0 for ids in encoded):
+        raise InputError("a prompt is empty after tokenization", field="prompts")
+    row_prompt = [i for i in range(len(prompts)) for _ in range(samples)]
+    stop = _stop_token_ids(lm)
+    n, d = len(row_prompt), output_layer(model).in_features  # type: ignore[arg-type]
+    token_ids = torch.full((n, max_new_tokens), -1, dtype=torch.long)
+    states = torch.zeros(n, max_new_tokens, d)
+    lengths = torch.zeros(n, dtype=torch.long)
+    batches = _length_sorted_batches([len(encoded[p]) for p in row_prompt], batch_size)
+    for number, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
+        batch = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        torch.manual_seed(seed + number)
+        with ExitStack() as stack:
+            captured = stack.enter_context(captured_head_inputs(model))  # first: sees the unedited state
+            if intervention is not None:
+                stack.enter_context(intervention.applied(model))
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=do_sample,
+                top_p=top_p if do_sample else None, temperature=temperature if do_sample else None, top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = output[:, batch["input_ids"].shape[1] :].cpu()  # (b, steps)
+        steps = torch.stack(captured[: new.shape[1]], dim=1)  # (b, steps, d)
+        for j, row in enumerate(rows):
+            length = _length_before_stop(new[j].tolist(), stop)
+            token_ids[row, :length] = new[j, :length]
+            states[row, :length] = steps[j, :length]
+            lengths[row] = length
+    texts, spans = zip(*(token_spans(tokenizer, token_ids[r, : lengths[r]].tolist()) for r in range(n)), strict=True)
+    return Continuations(list(prompts), torch.tensor(row_prompt), list(texts), token_ids, lengths, states, list(spans))
+
+
+def _length_before_stop(tokens: list[int], stop: set[int]) -> int:
+    for position, token in enumerate(tokens):
+        if token in stop:
+            return position
+    return len(tokens)
+
+
+@torch.inference_mode()
+def capture_continuation_states(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_continuation_tokens: int | None = None,
+    progress: bool = False,
+) -> Continuations:
+    """Teacher forcing: the state before every token of each continuation, one forward pass per batch.
+
+    Runs only the model body (`base_model`), whose last hidden state is the lm_head input, so the
+    (tokens × vocab) projection is never computed.
+    """
+    _check_prompts(prompts)
+    if len(prompts) != len(continuations):
+        raise InputError("prompts and continuations differ in number", field="prompts")
+    tokenizer, model = lm.tokenizer, lm.model
+    body = model.base_model
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    encoded = [tokenizer(c, add_special_tokens=False, return_offsets_mapping=True) for c in continuations]
+    cont_ids = [e["input_ids"][:max_continuation_tokens] for e in encoded]
+    spans = [[tuple(s) for s in e["offset_mapping"][: len(ids)]] for e, ids in zip(encoded, cont_ids, strict=True)]
+    if any(len(ids) == 0 for ids in prompt_ids):
+        raise InputError("a prompt is empty after tokenization", field="prompts")
+    n, width = len(prompts), max((len(c) for c in cont_ids), default=0)
+    d = output_layer(model).in_features  # type: ignore[arg-type]
+    token_ids = torch.full((n, max(width, 1)), -1, dtype=torch.long)
+    states = torch.zeros(n, max(width, 1), d)
+    lengths = torch.tensor([len(c) for c in cont_ids], dtype=torch.long)
+    full = [p + c for p, c in zip(prompt_ids, cont_ids, strict=True)]
+    for rows in tqdm(_length_sorted_batches([len(f) for f in full], batch_size), desc="capture", disable=not progress):
+        batch = tokenizer.pad({"input_ids": [full[r] for r in rows]}, return_tensors="pt")
+        mask = batch["attention_mask"].to(model.device)
+        # Positions count real tokens only, so left padding changes nothing (absolute-position models too).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = body(input_ids=batch["input_ids"].to(model.device), attention_mask=mask, position_ids=positions)
+        hidden = hidden.last_hidden_state.to("cpu", torch.float32)  # (b, L, d)
+        width_b = hidden.shape[1]
+        for j, row in enumerate(rows):
+            length = int(lengths[row])
+            if length == 0:
+                continue
+            # Left padding puts the continuation at the end; the state at position p produced token p + 1.
+            start = width_b - length - 1
+            states[row, :length] = hidden[j, start : start + length]
+            token_ids[row, :length] = torch.tensor(cont_ids[row])
+    return Continuations(list(prompts), torch.arange(n), list(continuations), token_ids, lengths, states, spans)
