@@ -11,11 +11,15 @@ Both sort rows by length before batching, so padding stays small, and restore th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -52,6 +56,41 @@ class Continuations:
 
     def row_tokens(self, row: int) -> torch.Tensor:
         return self.token_ids[row, : int(self.lengths[row])]
+
+    def save(self, directory: Path) -> Path:
+        """`continuations.safetensors` (tensors) and `continuations.jsonl` (prompt, text, spans per row)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"prompt_index": self.prompt_index, "token_ids": self.token_ids, "lengths": self.lengths,
+                   "states": self.states}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / ".continuations.tmp"))
+        lines = [
+            json.dumps({"row": r, "prompt_index": int(self.prompt_index[r]),
+                        "prompt": self.prompts[int(self.prompt_index[r])], "text": self.texts[r], "spans": self.spans[r]})
+            for r in range(len(self))
+        ]
+        (directory / ".continuations.jsonl.tmp").write_text("\n".join(lines) + "\n")
+        (directory / ".continuations.tmp").replace(directory / "continuations.safetensors")
+        (directory / ".continuations.jsonl.tmp").replace(directory / "continuations.jsonl")
+        return directory
+
+    @staticmethod
+    def load(directory: Path) -> Continuations:
+        directory = Path(directory)
+        if not (directory / "continuations.safetensors").is_file() or not (directory / "continuations.jsonl").is_file():
+            raise InputError(f"no generate output in {directory} (run `eigenshift generate` first)", field="generations")
+        try:
+            t = load_file(str(directory / "continuations.safetensors"))
+            rows = [json.loads(line) for line in (directory / "continuations.jsonl").read_text().splitlines() if line]
+        except (OSError, ValueError, SafetensorError) as error:
+            raise InputError(f"corrupt generate output in {directory}: {error}", field="generations") from None
+        prompts: dict[int, str] = {}
+        for row in rows:
+            prompts.setdefault(row["prompt_index"], row["prompt"])
+        return Continuations(
+            [prompts[i] for i in range(len(prompts))], t["prompt_index"], [r["text"] for r in rows], t["token_ids"],
+            t["lengths"], t["states"], [[tuple(s) for s in r["spans"]] for r in rows],
+        )
 
 
 @contextmanager
