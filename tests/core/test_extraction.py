@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from eigenshift_core.errors import InputError
-from eigenshift_core.extraction import collect_states, import_reference_csv, join_continuation, word_start_tokens
+from eigenshift_core.extraction import (
+    collect_states,
+    import_reference_csv,
+    join_continuation,
+    word_start_tokens,
+)
 from eigenshift_core.generation import capture_continuation_states
 from eigenshift_core.loading import LoadedModel, lm_head_weight
 from eigenshift_core.prompts import load_prompts, parse_rows, require_disjoint
