@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(PY) -m ruff check eigenshift_core tests benchmarks
+	$(PY) -m ruff check eigenshift_core app workers tests benchmarks
+	$(PY) -m mypy app workers
 
 test: setup lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
@@ -30,8 +31,9 @@ intervention: setup
 		--prompts ../shared/data/rtp_toxic_prompts_5000.csv \
 		--train-rows 0:4000 --eval-rows 4000:5000 --out eigenshift_core/defaults/embedded
 
+# Serve the embedded defaults on 127.0.0.1:8000: API, one worker, and a Redis of its own when none is configured.
 run: setup
-	HF_HUB_OFFLINE=1 $(PY) -m eigenshift_core.cli --help
+	HF_HUB_OFFLINE=1 $(PY) -m app.cli serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

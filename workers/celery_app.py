@@ -1,0 +1,69 @@
+"""The Celery app (`celery -A workers.celery_app worker -P solo`), configured lazily from `Settings`.
+
+Nothing reads the environment at import: `add_defaults` takes a callable that runs on first use.
+A worker writes a heartbeat key while it lives, so readiness never depends on a busy solo pool
+answering a broadcast ping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import Celery, signals
+
+from workers.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+TASK_NAMES = {"generate": "eigenshift.generate", "extract": "eigenshift.extract",
+              "reconstruct": "eigenshift.reconstruct", "evaluate": "eigenshift.evaluate"}
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app for `settings` (default: the process's settings, read when first needed)."""
+    app = Celery("eigenshift", include=["workers.tasks"])
+    app.add_defaults(lambda: (settings or get_settings()).celery_config())
+    return app
+
+
+app = create_celery()
+_stop = threading.Event()
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@signals.worker_ready.connect
+def start_heartbeat(**_: Any) -> None:
+    """Beat every `heartbeat_s` from a daemon thread (the solo pool's thread is busy with tasks)."""
+    from workers.jobs import JobStore, connect
+
+    settings = get_settings()
+    jobs = JobStore(connect(settings), settings.key_prefix)
+
+    def beat() -> None:
+        while not _stop.is_set():
+            try:
+                jobs.beat(_worker_name(), ttl_s=settings.heartbeat_s * 3)
+            except Exception:  # Redis away for a while: keep trying, the key expires meanwhile
+                log.warning("heartbeat failed", exc_info=True)
+            _stop.wait(settings.heartbeat_s)
+
+    threading.Thread(target=beat, name="eigenshift-heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def stop_heartbeat(**_: Any) -> None:
+    from workers.jobs import JobStore, connect
+
+    _stop.set()
+    settings = get_settings()
+    try:
+        JobStore(connect(settings), settings.key_prefix).forget_worker(_worker_name())
+    except Exception:
+        log.warning("could not remove heartbeat", exc_info=True)
+

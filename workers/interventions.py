@@ -1,0 +1,111 @@
+"""The intervention registry: artifacts in the store under `interventions/<id>/`, summaries in Redis,
+and which one is active (the default) for each model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from eigenshift_core.intervention import ARTIFACT_JSON, ARTIFACT_TENSORS
+from workers.jobs import now
+from workers.store import ArtifactStore, check_key, get_dir
+
+BUILTIN_ID = "embedded-default"
+CORE_DEFAULT = Path(__file__).resolve().parents[1] / "eigenshift_core" / "defaults" / "embedded"
+
+
+class InterventionNotFound(LookupError):
+    """No intervention has this id."""
+
+
+class InterventionRecord(BaseModel):
+    """What the registry knows about one intervention (its tensors stay in the store)."""
+
+    id: str
+    model: str
+    k: int
+    alpha: list[float]
+    criterion: str | None = None
+    metrics: dict[str, Any] | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    job_id: str | None = None
+    created_at: datetime
+
+
+class InterventionRegistry:
+    def __init__(self, client: redis.Redis, store: ArtifactStore, prefix: str = "eigenshift") -> None:
+        self.redis = client
+        self.store = store
+        self._hash = f"{prefix}:interventions"
+        self._active = f"{prefix}:active"
+
+    def register(self, intervention_id: str, directory: Path, *, model: str, job_id: str | None = None) -> InterventionRecord:
+        """Upload an intervention directory and record its summary (same id twice: the same result)."""
+        check_key(intervention_id, field="intervention")
+        info = json.loads((Path(directory) / ARTIFACT_JSON).read_text())
+        record = InterventionRecord(
+            id=intervention_id, model=model, k=int(info["k"]), alpha=[float(a) for a in info["alpha"]],
+            criterion=info.get("criterion"), provenance=info, job_id=job_id, created_at=now(),
+        )
+        for name in (ARTIFACT_TENSORS, ARTIFACT_JSON):
+            self.store.put_file(f"interventions/{intervention_id}/{name}", Path(directory) / name)
+        self.redis.hset(self._hash, intervention_id, record.model_dump_json())
+        return record
+
+    def set_metrics(self, intervention_id: str, metrics: dict[str, Any]) -> None:
+        record = self.get(intervention_id)
+        record.metrics = metrics
+        self.redis.hset(self._hash, intervention_id, record.model_dump_json())
+
+    def get(self, intervention_id: str) -> InterventionRecord:
+        raw = self.redis.hget(self._hash, intervention_id)
+        if raw is None:
+            raise InterventionNotFound(intervention_id)
+        return InterventionRecord.model_validate_json(raw)
+
+    def list(self, model: str | None = None) -> list[InterventionRecord]:
+        records = [InterventionRecord.model_validate_json(raw) for raw in self.redis.hvals(self._hash)]
+        return sorted((r for r in records if model is None or r.model == model), key=lambda r: r.created_at)
+
+    def activate(self, intervention_id: str) -> InterventionRecord:
+        record = self.get(intervention_id)
+        self.redis.hset(self._active, record.model, record.id)
+        return record
+
+    def active_id(self, model: str) -> str | None:
+        value = self.redis.hget(self._active, model)
+        return str(value) if value is not None else None
+
+    def fetch(self, intervention_id: str, cache_dir: Path) -> Path:
+        """The intervention's directory on local disk (downloaded once per id)."""
+        self.get(intervention_id)
+        directory = Path(cache_dir) / check_key(intervention_id, field="intervention")
+        if not (directory / ARTIFACT_TENSORS).is_file():
+            tmp = Path(cache_dir) / f".{intervention_id}.{uuid.uuid4().hex}.partial"
+            get_dir(self.store, f"interventions/{intervention_id}", tmp)
+            try:
+                tmp.replace(directory)  # atomic: a reader sees all of it or nothing
+            except OSError:  # another thread got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def register_builtin(self, directory: Path | None, model: str = "embedded") -> InterventionRecord | None:
+        """Register the committed default (or `directory`) once, and make it active when none is."""
+        candidates = [directory] if directory else [CORE_DEFAULT, CORE_DEFAULT / "intervention"]
+        found = next((c for c in candidates if c and (Path(c) / ARTIFACT_TENSORS).is_file()), None)
+        if found is None:
+            return None
+        try:
+            record = self.get(BUILTIN_ID)
+        except InterventionNotFound:
+            record = self.register(BUILTIN_ID, found, model=model)
+        self.redis.hsetnx(self._active, model, BUILTIN_ID)
+        return record
+

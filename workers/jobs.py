@@ -1,0 +1,174 @@
+"""Job records in Redis: one JSON document per job, an index by creation time, idempotency keys, heartbeats.
+
+Every read-modify-write goes through `JobStore.update`, an optimistic WATCH/MULTI transaction, so the
+worker's progress and the API's cancel never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from workers.settings import Settings
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+class JobNotFound(LookupError):
+    """No job has this id."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another body."""
+
+
+class TooLarge(Exception):
+    """A body, a batch or one prompt is over a configured limit (HTTP 413)."""
+
+
+class Unavailable(Exception):
+    """Redis or every worker is unreachable: try again later."""
+
+
+class Progress(BaseModel):
+    stage: str | None = None
+    done: int = 0
+    total: int = 0
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """What Redis holds about one job."""
+
+    id: str
+    kind: str
+    state: JobState = "queued"
+    params: dict[str, object] = Field(default_factory=dict)
+    steps: list[str] = Field(default_factory=list)
+    steps_done: list[str] = Field(default_factory=list)
+    progress: Progress = Field(default_factory=Progress)
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: JobError | None = None
+    intervention_id: str | None = None
+    artifacts: list[str] = Field(default_factory=list)
+    cancel_requested: bool = False
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client that gives up after `redis_timeout_s` instead of hanging."""
+    return redis.Redis.from_url(
+        settings.redis_address, socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s, decode_responses=True, health_check_interval=30,
+    )
+
+
+def body_digest(kind: str, params: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps([kind, params], sort_keys=True).encode()).hexdigest()
+
+
+class JobStore:
+    """Job records, their index and idempotency keys under `key_prefix`."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "eigenshift") -> None:
+        self.redis = client
+        self.prefix = prefix
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def create(self, kind: str, params: dict[str, object], steps: list[str],
+               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """A new queued record, or the existing one for a replayed Idempotency-Key; (record, created)."""
+        record = JobRecord(id=uuid.uuid4().hex, kind=kind, params=params, steps=steps, created_at=now())
+        if idempotency_key is not None:
+            key = f"{self.prefix}:idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+            claim = json.dumps({"job": record.id, "digest": body_digest(kind, params)})
+            if not self.redis.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
+                previous = json.loads(self.redis.get(key) or "{}")
+                if previous.get("digest") != body_digest(kind, params):
+                    raise IdempotencyConflict("this Idempotency-Key was used with another request body")
+                return self.get(previous["job"]), False
+        pipe = self.redis.pipeline()
+        pipe.set(self._job(record.id), record.model_dump_json())
+        pipe.zadd(self._index, {record.id: record.created_at.timestamp()})
+        pipe.execute()
+        return record, True
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self.redis.get(self._job(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return JobRecord.model_validate_json(raw)
+
+    def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
+        """Apply `change` to the stored record atomically (retried when another writer got in first)."""
+        key = self._job(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        raise JobNotFound(job_id)
+                    record = JobRecord.model_validate_json(raw)
+                    change(record)
+                    pipe.multi()
+                    pipe.set(key, record.model_dump_json())
+                    pipe.execute()
+                    return record
+                except redis.WatchError:
+                    continue
+
+    def list(self, *, kind: str | None = None, state: str | None = None, offset: int = 0,
+             limit: int = 50) -> tuple[builtins.list[JobRecord], int]:
+        """Newest first, filtered; (page, total matching)."""
+        ids: builtins.list[str] = self.redis.zrevrange(self._index, 0, -1)  # type: ignore[assignment]
+        records: builtins.list[JobRecord] = []
+        for start in range(0, len(ids), 500):
+            raws = self.redis.mget([self._job(i) for i in ids[start:start + 500]])
+            records.extend(JobRecord.model_validate_json(r) for r in raws if r is not None)
+        chosen = [r for r in records if (kind is None or r.kind == kind) and (state is None or r.state == state)]
+        return chosen[offset:offset + limit], len(chosen)
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        for record in self.list(limit=10**9)[0]:
+            counts[record.state] += 1
+        return counts
+
+    # -- worker liveness -------------------------------------------------------------------------------
+
+    def beat(self, worker: str, ttl_s: float) -> None:
+        self.redis.set(f"{self.prefix}:worker:{worker}", json.dumps({"at": time.time()}), px=int(ttl_s * 1000))
+
+    def forget_worker(self, worker: str) -> None:
+        self.redis.delete(f"{self.prefix}:worker:{worker}")
+
+    def live_workers(self) -> builtins.list[str]:
+        marker = f"{self.prefix}:worker:"
+        return sorted(key[len(marker):] for key in self.redis.scan_iter(f"{marker}*", count=100))

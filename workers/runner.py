@@ -1,0 +1,157 @@
+"""How a task runs one step of a job: skip what is done, record progress, errors and artifacts.
+
+A step writes into a fresh local directory; the runner uploads it to `jobs/<id>/<step>/` and then marks
+the step done, so a task that runs twice (a redelivery after a lost worker) redoes or skips the step
+and never leaves a half-recorded one. A failed step keeps every earlier step's artifacts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eigenshift_core.errors import InputError
+from eigenshift_core.loading import DEFAULT_CACHE_DIR, LoadedModel, load_model
+from eigenshift_core.pipeline import Cancelled
+from workers.interventions import InterventionRegistry
+from workers.jobs import TERMINAL, JobError, JobRecord, JobStore, connect, now
+from workers.settings import Settings, get_settings
+from workers.specs import SPECS, JobSpec
+from workers.store import ArtifactStore, open_store, put_dir
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=2)
+def cached_model(model_id: str, device: str, dtype: str, cache_dir: Path) -> LoadedModel:
+    """One copy of each model per worker process, loaded on first use."""
+    return load_model(model_id, device=device, dtype=dtype, cache_dir=cache_dir)  # type: ignore[arg-type]
+
+
+@dataclass
+class StepResult:
+    intervention_id: str | None = None
+
+
+@dataclass
+class StepContext:
+    """What a step function gets: its job, its spec, a directory to write, the model and the services."""
+
+    settings: Settings
+    jobs: JobStore
+    store: ArtifactStore
+    interventions: InterventionRegistry
+    record: JobRecord
+    spec: JobSpec
+    out: Path
+    scratch: Path
+    last_progress: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+    def lm(self) -> LoadedModel:
+        s = self.settings
+        if s.torch_threads:
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
+        return cached_model(self.spec.model, s.device, s.dtype, s.cache_dir or DEFAULT_CACHE_DIR)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        def change(record: JobRecord) -> None:
+            record.progress.stage, record.progress.done, record.progress.total = stage, done, total
+
+        self.jobs.update(self.job_id, change)
+
+    def should_stop(self) -> bool:
+        return self.jobs.get(self.job_id).cancel_requested
+
+    def fetch(self, key: str, name: str) -> Path:
+        """A file of the store in this step's scratch directory."""
+        try:
+            return self.store.get_file(key, self.scratch / name)
+        except FileNotFoundError:
+            raise InputError(f"missing artifact {key}", field="job") from None
+
+
+StepFunction = Callable[[StepContext], StepResult]
+
+
+def services(settings: Settings) -> tuple[JobStore, ArtifactStore, InterventionRegistry]:
+    client = connect(settings)
+    store = open_store(settings)
+    return JobStore(client, settings.key_prefix), store, InterventionRegistry(client, store, settings.key_prefix)
+
+
+def run_step(job_id: str, step: str, function: StepFunction, settings: Settings | None = None) -> str:
+    """Run `step` of `job_id` unless the job is over or the step is done; returns what happened."""
+    settings = settings or get_settings()
+    jobs, store, interventions = services(settings)
+    record = jobs.get(job_id)
+    if record.state in TERMINAL:
+        return f"skipped: job {record.state}"
+    if step in record.steps_done:
+        return "skipped: step done"
+    if record.cancel_requested:
+        _finish(jobs, job_id, "cancelled")
+        return "cancelled"
+
+    def start(r: JobRecord) -> None:
+        r.state, r.started_at = "running", r.started_at or now()
+        r.progress.stage, r.progress.done, r.progress.total = step, 0, 0
+
+    record = jobs.update(job_id, start)
+    base = settings.work_dir / job_id / step
+    shutil.rmtree(base, ignore_errors=True)
+    ctx = StepContext(settings, jobs, store, interventions, record, SPECS[record.kind].model_validate(record.params),
+                      base / "out", base / "scratch")
+    ctx.out.mkdir(parents=True)
+    ctx.scratch.mkdir(parents=True)
+    try:
+        result = function(ctx)
+    except Cancelled:
+        _finish(jobs, job_id, "cancelled", _upload(ctx, step))
+        return "cancelled"
+    except Exception as error:
+        if not isinstance(error, InputError):
+            log.exception("job %s step %s failed", job_id, step)
+        _finish(jobs, job_id, "failed", _upload(ctx, step), JobError(type=type(error).__name__, message=str(error)))
+        return "failed"
+    finally:
+        shutil.rmtree(base / "scratch", ignore_errors=True)
+    names = _upload(ctx, step)
+
+    def done(r: JobRecord) -> None:
+        r.steps_done.append(step)
+        r.artifacts = sorted(set(r.artifacts) | set(names))
+        r.intervention_id = result.intervention_id or r.intervention_id
+        if all(s in r.steps_done for s in r.steps):
+            r.state, r.finished_at = "succeeded", now()
+
+    jobs.update(job_id, done)
+    shutil.rmtree(base, ignore_errors=True)
+    return "done"
+
+
+def _upload(ctx: StepContext, step: str) -> list[str]:
+    """Upload what the step wrote (also after a failure: partial outputs help the diagnosis)."""
+    try:
+        return [f"{step}/{name}" for name in put_dir(ctx.store, f"jobs/{ctx.job_id}/{step}", ctx.out)]
+    except Exception:
+        log.exception("upload of job %s step %s failed", ctx.job_id, step)
+        return []
+
+
+def _finish(jobs: JobStore, job_id: str, state: str, names: list[str] | None = None,
+            error: JobError | None = None) -> None:
+    def change(r: JobRecord) -> None:
+        r.state, r.finished_at, r.error = state, now(), error  # type: ignore[assignment]
+        r.artifacts = sorted(set(r.artifacts) | set(names or []))
+
+    jobs.update(job_id, change)

@@ -1,0 +1,102 @@
+"""One `Settings` for the API and the worker, read from `EIGENSHIFT_*` variables when first asked for."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "eigenshift"
+
+
+class Settings(BaseSettings):
+    """Everything deployment-specific. Embedded default: local Redis socket, local artifacts, `embedded`."""
+
+    model_config = SettingsConfigDict(env_prefix="EIGENSHIFT_", extra="ignore")
+
+    # Queue and records. None means "the Redis that `eigenshift serve` starts under data_dir".
+    redis_url: str | None = None
+    queue: str = "eigenshift"
+    key_prefix: str = "eigenshift"
+    job_timeout_s: int = Field(6 * 3600, ge=60, description="longest job; the broker's visibility timeout is above it")
+    heartbeat_s: float = Field(5.0, gt=0)
+    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout: Redis trouble is a 503, never a hang")
+    retry_after_s: int = 5
+
+    # Files.
+    data_dir: Path = DEFAULT_DATA_DIR
+    data_root: Path | None = Field(None, description="prompt files given by `path` must lie under it")
+    store: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "eigenshift"
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+
+    # Models.
+    model: str = Field("embedded", description="the model the API serves (one per process)")
+    models: list[str] = Field(default_factory=lambda: ["embedded"], description="models jobs may name")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    cache_dir: Path | None = None
+    scorer: str = "profanity"
+    default_intervention: Path | None = Field(None, description="intervention directory served before any job ran")
+    torch_threads: int | None = Field(None, ge=1)
+
+    # Serving limits.
+    batch_max_size: int = Field(32, ge=1, description="rows per dynamic batch of /generate")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long the first request waits for company")
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_job_prompts: int = Field(20_000, ge=1)
+    max_generate_batch: int = Field(64, ge=1, description="prompts in one POST /generate or texts in POST /score")
+    max_new_tokens_limit: int = Field(256, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+    @property
+    def redis_address(self) -> str:
+        """The Redis URL in use: the configured one, or the embedded server's unix socket."""
+        return self.redis_url or f"unix://{self.data_dir / 'redis.sock'}"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.data_dir / "work"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def celery_config(self) -> dict[str, Any]:
+        """Celery settings: late acks, one task at a time, a visibility timeout above the longest job."""
+        transport = {"visibility_timeout": self.job_timeout_s + 3600, "socket_timeout": self.redis_timeout_s,
+                     "socket_connect_timeout": self.redis_timeout_s, "max_retries": 1}
+        return {
+            "broker_url": celery_broker_url(self.redis_address),
+            "broker_transport_options": transport,
+            "broker_connection_retry_on_startup": True,
+            "task_default_queue": self.queue,
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
+            "task_ignore_result": True,
+            "worker_prefetch_multiplier": 1,
+            "worker_hijack_root_logger": False,
+            "task_time_limit": self.job_timeout_s,
+            "broker_pool_limit": 4,
+        }
+
+
+def celery_broker_url(redis_url: str) -> str:
+    """kombu spells a Redis unix socket `redis+socket://PATH`; redis-py spells it `unix://PATH`."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment on first use (never at import)."""
+    return Settings()

@@ -1,0 +1,90 @@
+"""Prompt sources to files the core reads: texts, uploads, paths under the data root, hub datasets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from eigenshift_core.errors import InputError
+from eigenshift_core.prompts import SUFFIXES
+from workers.jobs import TooLarge
+from workers.settings import Settings
+from workers.specs import PromptSource
+from workers.store import ArtifactStore, check_key
+
+
+def data_path(settings: Settings, relative: str, *, field: str) -> Path:
+    """A file under the data root; refuses `..`, escapes through links, and missing files."""
+    if settings.data_root is None:
+        raise InputError("this service has no data root: send prompts as texts or file_id", field=field)
+    if ".." in Path(relative).parts or "\\" in relative or "\x00" in relative:
+        raise InputError(f"path {relative!r} must not contain '..'", field=field)
+    root = settings.data_root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise InputError(f"path {relative!r} is outside the data root", field=field)
+    if not path.is_file():
+        raise InputError(f"no file {relative!r} under the data root", field=field)
+    if path.suffix not in SUFFIXES:
+        raise InputError(f"prompt files must be one of {', '.join(SUFFIXES)}", field=field)
+    return path
+
+
+def upload_key(file_id: str) -> str:
+    return f"uploads/{check_key(file_id, field='prompts.file_id')}"
+
+
+def check_source(source: PromptSource, settings: Settings, store: ArtifactStore) -> None:
+    """Everything about a source that can be known without reading it through (API side, before queuing)."""
+    if source.texts is not None:
+        if len(source.texts) > settings.max_job_prompts:
+            raise TooLarge(f"{len(source.texts)} prompts; at most {settings.max_job_prompts}")
+        if any(len(text) > settings.max_prompt_chars for text in source.texts):
+            raise TooLarge(f"a prompt is longer than {settings.max_prompt_chars} characters")
+    elif source.file_id is not None:
+        if not store.exists(upload_key(source.file_id)):
+            raise InputError(f"no uploaded file {source.file_id!r}", field="prompts.file_id")
+    elif source.path is not None:
+        data_path(settings, source.path, field="prompts.path")
+    elif source.hub_dataset is not None:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise InputError("hub datasets need the `datasets` package, which this service lacks",
+                             field="prompts.hub_dataset") from None
+
+
+def materialize(source: PromptSource, settings: Settings, store: ArtifactStore, work: Path) -> Path:
+    """A local CSV/JSONL/TXT file holding the source's prompts (worker side)."""
+    work.mkdir(parents=True, exist_ok=True)
+    if source.texts is not None:
+        path = work / "prompts.jsonl"
+        path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in source.texts), encoding="utf-8")
+        return path
+    if source.file_id is not None:
+        try:
+            return store.get_file(upload_key(source.file_id), work / f"upload{Path(source.file_id).suffix}")
+        except FileNotFoundError:
+            raise InputError(f"no uploaded file {source.file_id!r}", field="prompts.file_id") from None
+    if source.path is not None:
+        return data_path(settings, source.path, field="prompts.path")
+    return _hub_dataset(source, work)
+
+
+def _hub_dataset(source: PromptSource, work: Path) -> Path:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError("hub datasets need the `datasets` package", field="prompts.hub_dataset") from None
+    try:
+        rows = datasets.load_dataset(source.hub_dataset, split=source.split)
+    except Exception as error:  # the hub, the cache or the name: all the caller's to fix
+        raise InputError(f"cannot load {source.hub_dataset!r}: {str(error).splitlines()[0]}",
+                         field="prompts.hub_dataset") from None
+    if source.column not in rows.column_names:
+        raise InputError(f"dataset has no column {source.column!r}", field="prompts.column")
+    path = work / "prompts.jsonl"
+    texts = [str(t) for t in rows[source.column]]
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+

@@ -1,0 +1,163 @@
+"""What the API may do with jobs: check a spec, record it, queue its chain, cancel it, read its artifacts.
+
+`check_spec` runs before anything is written, so a refused request leaves no record, key or file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+from celery import Celery, chain
+from kombu.exceptions import OperationalError
+
+from eigenshift_core.errors import InputError, unknown_name
+from eigenshift_core.prompts import PromptSet, load_prompts, parse_rows, require_disjoint
+from eigenshift_core.scoring import known_scorers
+from workers.celery_app import TASK_NAMES, create_celery
+from workers.interventions import InterventionNotFound, InterventionRegistry
+from workers.jobs import TERMINAL, JobError, JobNotFound, JobRecord, JobStore, Unavailable, connect, now
+from workers.settings import Settings
+from workers.sources import check_source, data_path
+from workers.specs import (
+    EvaluateSpec,
+    ExtractSpec,
+    JobSpec,
+    PipelineSpec,
+    PromptSource,
+    ReconstructSpec,
+    steps_for,
+)
+from workers.store import ArtifactStore, check_key, open_store
+
+
+class JobService:
+    """Jobs, interventions and artifacts, as the API sees them."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, store: ArtifactStore | None = None,
+                 celery: Celery | None = None) -> None:
+        self.settings = settings
+        self.redis = client or connect(settings)
+        self.store = store or open_store(settings)
+        self.jobs = JobStore(self.redis, settings.key_prefix)
+        self.interventions = InterventionRegistry(self.redis, self.store, settings.key_prefix)
+        self.celery = celery or create_celery(settings)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def submit(self, kind: str, spec: JobSpec, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
+        """Check, record and queue a job; a replayed Idempotency-Key returns the first job. (record, created)"""
+        self.check_spec(spec)
+        if not self.jobs.live_workers():
+            raise Unavailable("no worker is alive to run jobs")
+        record, created = self.jobs.create(kind, spec.model_dump(mode="json"), list(steps_for(kind, spec)),
+                                           idempotency_key)
+        if created:
+            self._enqueue(record)
+        return record, created
+
+    def _enqueue(self, record: JobRecord) -> None:
+        signatures = [self.celery.signature(TASK_NAMES[step], args=(record.id,), immutable=True,
+                                            queue=self.settings.queue) for step in record.steps]
+        try:
+            if len(signatures) > 1:
+                chain(*signatures).apply_async(retry=False)
+            else:
+                signatures[0].apply_async(retry=False)
+        except OperationalError as error:
+            message = f"the broker refused the job: {error}"
+
+            def fail(r: JobRecord) -> None:
+                r.state, r.finished_at = "failed", now()
+                r.error = JobError(type="Unavailable", message=message)
+
+            self.jobs.update(record.id, fail)
+            raise Unavailable(message) from None
+
+    def get(self, job_id: str) -> JobRecord:
+        check_key(job_id, field="job_id")
+        return self.jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Ask a job to stop: a queued one is cancelled now, a running one at its next batch boundary."""
+        self.get(job_id)
+
+        def change(r: JobRecord) -> None:
+            if r.state in TERMINAL:
+                return
+            r.cancel_requested = True
+            if r.state == "queued":
+                r.state = "cancelled"
+
+        return self.jobs.update(job_id, change)
+
+    def artifact(self, job_id: str, name: str) -> Iterator[bytes]:
+        record = self.get(job_id)
+        check_key(name, field="name")
+        if name not in record.artifacts:
+            raise FileNotFoundError(name)
+        return self.store.iter_bytes(f"jobs/{job_id}/{name}")
+
+    def queue_depth(self) -> int:
+        return int(self.redis.llen(self.settings.queue))
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    def check_spec(self, spec: JobSpec) -> None:
+        """What needs settings or state: allowed model and scorer, sources, rows, referenced jobs."""
+        if spec.model not in self.settings.models:
+            raise unknown_name("model", spec.model, self.settings.models, field="model")
+        scorer = getattr(spec, "scorer", None)
+        if scorer is not None and scorer.partition(":")[0] not in known_scorers():
+            raise unknown_name("scorer", scorer.partition(":")[0], known_scorers(), field="scorer")
+        if getattr(spec, "reference_csv", None):
+            data_path(self.settings, spec.reference_csv, field="reference_csv")  # type: ignore[attr-defined]
+        source: PromptSource | None = getattr(spec, "prompts", None)
+        if source is not None:
+            check_source(source, self.settings, self.store)
+            self._check_rows(source, spec)
+        if isinstance(spec, ExtractSpec) and spec.generate_job_id:
+            self._require_step(spec.generate_job_id, "generate", "generate_job_id")
+        if isinstance(spec, ReconstructSpec) and spec.extract_job_id:
+            self._require_step(spec.extract_job_id, "extract", "extract_job_id")
+        if isinstance(spec, EvaluateSpec):
+            try:
+                self.interventions.get(check_key(spec.intervention_id, field="intervention_id"))
+            except InterventionNotFound:
+                raise InputError(f"no intervention {spec.intervention_id!r}", field="intervention_id") from None
+
+    def _check_rows(self, source: PromptSource, spec: JobSpec) -> None:
+        ranges = ({"train_rows": spec.train_rows, "eval_rows": spec.eval_rows} if isinstance(spec, PipelineSpec)
+                  else {"rows": getattr(spec, "rows", None)})
+        if source.texts is not None:
+            for field, rows in ranges.items():
+                parse_rows(rows, len(source.texts), field=field)
+            if isinstance(spec, PipelineSpec):
+                _disjoint(parse_rows(spec.train_rows, len(source.texts)), parse_rows(spec.eval_rows, len(source.texts)))
+        elif source.path is not None:
+            path = data_path(self.settings, source.path, field="prompts.path")
+            sets = {field: _load_rows(path, rows, field) for field, rows in ranges.items()}
+            if isinstance(spec, PipelineSpec):
+                require_disjoint(sets["train_rows"], sets["eval_rows"])
+
+    def _require_step(self, job_id: str, step: str, field: str) -> None:
+        try:
+            record = self.get(job_id)
+        except (JobNotFound, InputError):
+            raise InputError(f"no job {job_id!r}", field=field) from None
+        if step not in record.steps_done:
+            raise InputError(f"job {job_id!r} has no finished {step} step (state {record.state})", field=field)
+
+
+def _load_rows(path: Path, rows: str | None, field: str) -> PromptSet:
+    try:
+        return load_prompts(path, rows)
+    except InputError as error:
+        raise InputError(str(error), field=field if "rows" in str(error) else error.field) from None
+
+
+def _disjoint(train: tuple[int, int], held_out: tuple[int, int]) -> None:
+    if train[0] < held_out[1] and held_out[0] < train[1]:
+        raise InputError("train_rows and eval_rows overlap: evaluate on held-out prompts", field="eval_rows")
+
