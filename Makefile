@@ -25,11 +25,20 @@ lint: setup
 test: setup lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
-# Rebuild the committed default intervention for `embedded` (RTP rows 0-3999) and evaluate it on rows 4000-4999.
+# Rebuild the committed default intervention for `embedded`: built on RTP rows 0-3999 (the reference step-2
+# CSV, teacher-forced), evaluated on rows 4000-4999 (2 sampled continuations each, both arms, same seeds).
+DATA ?= ../shared/data
 intervention: setup
-	HF_HUB_OFFLINE=1 $(PY) -m eigenshift_core.cli pipeline --model embedded \
-		--prompts ../shared/data/rtp_toxic_prompts_5000.csv \
-		--train-rows 0:4000 --eval-rows 4000:5000 --out eigenshift_core/defaults/embedded
+	HF_HUB_OFFLINE=1 $(PY) -m eigenshift_core.cli pipeline --model embedded --device cpu \
+		--prompts $(DATA)/rtp_toxic_prompts_5000.csv --reference-csv $(DATA)/llama2_7b_rtp_toxic_words.csv \
+		--train-rows 0:4000 --eval-rows 4000:5000 --train-samples 0 \
+		--criterion selectivity --k 100 --alpha auto \
+		--samples 2 --max-new-tokens 20 --batch-size 64 --seed 0 \
+		--ppl-text $(DATA)/wikitext2_test.raw --ppl-max-tokens 8192 --ppl-window 1024 --ppl-stride 512 \
+		--out runs/embedded-default
+	mkdir -p eigenshift_core/defaults/embedded
+	cp runs/embedded-default/intervention/intervention.safetensors runs/embedded-default/intervention/intervention.json \
+		runs/embedded-default/evaluate/report.json runs/embedded-default/evaluate/report.png eigenshift_core/defaults/embedded/
 
 # Serve the embedded defaults on 127.0.0.1:8000: API, one worker, and a Redis of its own when none is configured.
 run: setup

@@ -38,7 +38,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _alphas(text: str) -> float | list[float]:
+def _alphas(text: str) -> float | list[float] | str:
+    if text == "auto":
+        return text
     values = [_finite_float(part) for part in text.split(",")]
     return values[0] if len(values) == 1 else values
 
@@ -82,11 +84,13 @@ def _add_scorer(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="delta", help="selection criterion (see `reconstruct --help`)")
+    p.add_argument("--criterion", default="delta", help="selection criterion: delta (the paper's, sign-free), "
+                   "logit (toxic-token logit contribution), selectivity (toxic gain per unit of ordinary cost)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--k", type=int, default=None, help="number of directions to damp")
     group.add_argument("--percentile", type=_finite_float, default=None, help="paper's p: k = ceil(d·(1 − p))")
-    p.add_argument("--alpha", type=_alphas, default=0.5, help="scale of the chosen σᵢ: one value or k comma-separated")
+    p.add_argument("--alpha", type=_alphas, default=0.5, help="scale of the chosen σᵢ: one value, k comma-separated values, or 'auto' "
+                   "(per-direction, from the selectivity terms)")
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(p), _add_evaluate(p)
     p.add_argument("--train-rows", required=True, help="rows A:B that build the intervention")
     p.add_argument("--eval-rows", required=True, help="rows C:D that evaluate it (disjoint from train rows)")
-    p.add_argument("--train-samples", type=_positive, default=None, help="samples per train prompt (default --samples)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="samples per train prompt (default --samples); 0 takes states from --reference-csv only")
     p.add_argument("--reference-csv", type=Path, default=None,
                    help="also teacher-force this step-2 CSV's train rows into the training states")
     return parser
@@ -255,7 +260,7 @@ def run_pipeline(args: argparse.Namespace) -> Path:
     config = PipelineConfig(
         model=args.model, prompts=args.prompts, train_rows=args.train_rows, eval_rows=args.eval_rows,
         scorer=args.scorer, threshold=args.threshold, samples=args.samples,
-        train_samples=args.train_samples or args.samples, max_new_tokens=args.max_new_tokens,
+        train_samples=args.samples if args.train_samples is None else args.train_samples, max_new_tokens=args.max_new_tokens,
         do_sample=not args.greedy, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
         batch_size=args.batch_size, top_words=args.top_words, require_argmax=args.require_argmax,
         max_nontoxic=args.max_nontoxic, criterion=args.criterion, k=args.k, percentile=args.percentile,

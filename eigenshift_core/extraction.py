@@ -45,10 +45,19 @@ class Judgement:
 
 
 def word_start_tokens(text: str, spans: Sequence[Span], word: str) -> list[int]:
-    """Indices of the tokens holding the first character of each whole-word, case-insensitive occurrence."""
-    if not word.strip():
+    """Indices of the tokens holding the first character of each case-insensitive occurrence of `word`.
+
+    Whole-word occurrences first; when there is none, the word is taken as a fragment (saliency on
+    subword tokens often blames 'ulous' for 'ridiculous') and each occurrence counts from the start of
+    the word that holds it. Words without a letter or digit ('"', '.') locate nothing.
+    """
+    needle = word.strip()
+    if not re.search(r"\w", needle):
         return []
-    starts = [m.start() for m in re.finditer(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE)]
+    pattern = re.escape(needle)
+    starts = [m.start() for m in re.finditer(rf"(?<!\w){pattern}(?!\w)", text, flags=re.IGNORECASE)]
+    if not starts:
+        starts = [m.start() for m in re.finditer(rf"\w*{pattern}", text, flags=re.IGNORECASE)]
     found = []
     for char in starts:
         for index, (start, end) in enumerate(spans):
@@ -68,7 +77,7 @@ def collect_states(
     max_nontoxic: int | None = None,
     seed: int = 0,
 ) -> StateSet:
-    """Toxic states at the first token of each listed word (first occurrence) of toxic rows; non-toxic
+    """Toxic states at the first token of every occurrence of each listed word in toxic rows; non-toxic
     states at every position of the other rows, subsampled to `max_nontoxic` (seeded) to bound memory."""
     if require_argmax and weight is None:
         raise ValueError("require_argmax needs the lm_head weight")
@@ -79,10 +88,10 @@ def collect_states(
             nontoxic_rows.append(row)
             continue
         length = int(continuations.lengths[row])
-        for word in dict.fromkeys(w.lower() for w in words[row]):  # unique, in order
-            hits = [i for i in word_start_tokens(continuations.texts[row], continuations.spans[row][:length], word)]
-            if hits:
-                toxic_positions.append((row, hits[0]))
+        hits: set[int] = set()  # a token blamed through two listed words counts once
+        for word in words[row]:
+            hits.update(word_start_tokens(continuations.texts[row], continuations.spans[row][:length], word))
+        toxic_positions.extend((row, index) for index in sorted(hits))
     d = continuations.states.shape[-1]
     toxic = torch.stack([continuations.states[r, i] for r, i in toxic_positions]) if toxic_positions else torch.zeros(0, d)
     toxic_tokens = torch.tensor([int(continuations.token_ids[r, i]) for r, i in toxic_positions], dtype=torch.long)

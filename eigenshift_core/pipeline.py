@@ -53,7 +53,7 @@ class PipelineConfig:
     criterion: str = "delta"
     k: int | None = None
     percentile: float | None = None
-    alpha: float | Sequence[float] = 0.5
+    alpha: float | Sequence[float] | str = 0.5  # or "auto": per-direction α from the selectivity terms
     reference_csv: Path | None = None
     ppl_text: Path | None = None
     ppl_window: int = 1024
@@ -102,18 +102,28 @@ def generate_and_extract(
 def build_states(
     lm: LoadedModel, train: PromptSet, scorer: Scorer, config: PipelineConfig, out: Path, **hooks: object
 ) -> StateSet:
-    """Training states from the model's own continuations, plus the reference CSV's rows when given."""
-    states, judgements = generate_and_extract(lm, train.texts, scorer, config, **hooks)  # type: ignore[arg-type]
+    """Training states from the model's own continuations (unless train_samples is 0), plus the reference
+    CSV's rows when given."""
+    if config.train_samples < 0:
+        raise InputError(f"train_samples must not be negative, got {config.train_samples}", field="train_samples")
+    if config.train_samples == 0 and config.reference_csv is None:
+        raise InputError("train_samples 0 needs a reference CSV to take the training states from", field="train_samples")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judgements.jsonl").write_text("".join(json.dumps(j.to_dict()) + "\n" for j in judgements))
+    parts: list[StateSet] = []
+    if config.train_samples > 0:
+        generated, judgements = generate_and_extract(lm, train.texts, scorer, config, **hooks)  # type: ignore[arg-type]
+        (out / "judgements.jsonl").write_text("".join(json.dumps(j.to_dict()) + "\n" for j in judgements))
+        parts.append(generated)
     if config.reference_csv is not None:
         reference, _ = import_reference_csv(
             lm, config.reference_csv, rows=train.rows, require_argmax=config.require_argmax,
             max_nontoxic=config.max_nontoxic, batch_size=config.batch_size, seed=config.seed,
         )
-        states = StateSet.concat([states, reference])
-        states = StateSet(states.toxic, states.toxic_tokens, states.nontoxic, states.nontoxic_tokens,
-                          {**states.info, "reference_csv": str(config.reference_csv)})
+        parts.append(reference)
+    merged = StateSet.concat(parts)
+    info = {**parts[0].info, "reference_csv": str(config.reference_csv) if config.reference_csv else None,
+            "generated_states": config.train_samples > 0}
+    states = StateSet(merged.toxic, merged.toxic_tokens, merged.nontoxic, merged.nontoxic_tokens, info)
     states.save(out / "states.safetensors")
     (out / "extract.json").write_text(json.dumps({"counts": states.counts(), **states.info}, indent=2, default=str))
     return states.require_both()

@@ -29,6 +29,9 @@ def test_word_start_tokens_finds_whole_words_case_insensitively() -> None:
     assert word_start_tokens(text, spans, "idiots") == [4]
     assert word_start_tokens(text, spans, "moron") == []
     assert word_start_tokens(text, spans, " ") == []
+    assert word_start_tokens(text, spans, "!") == []
+    # a fragment with no whole-word occurrence counts from the start of the word that holds it
+    assert word_start_tokens(" you ridiculous fool", [(0, 4), (4, 15), (15, 20)], "ulous") == [1]
 
 
 def test_collect_states_takes_word_starts_and_all_clean_positions(tiny_llama: LoadedModel) -> None:
@@ -36,7 +39,7 @@ def test_collect_states_takes_word_starts_and_all_clean_positions(tiny_llama: Lo
     continuations = [" you are a jerk", " a nice day", " jerk jerk"]
     result = capture_continuation_states(tiny_llama, prompts, continuations)
     states = collect_states(result, [True, False, True], [["jerk"], [], ["JERK", "jerk"]])
-    assert states.counts() == {"toxic": 2, "nontoxic": int(result.lengths[1])}
+    assert states.counts() == {"toxic": 3, "nontoxic": int(result.lengths[1])}  # every occurrence
     first_j = continuations[0].index("jerk")
     token = next(i for i, (s, e) in enumerate(result.spans[0]) if s <= first_j < e)
     assert torch.equal(states.toxic[0], result.states[0, token])

@@ -20,6 +20,8 @@ from eigenshift_core.intervention import (
     get_criterion,
     resolve_alphas,
     resolve_k,
+    selective_alphas,
+    selectivity_terms,
 )
 from eigenshift_core.loading import LoadedModel, lm_head_weight, output_layer
 from eigenshift_core.states import StateSet
@@ -77,6 +79,36 @@ def test_criteria_are_sign_free_and_find_a_planted_direction(tiny: LoadedModel, 
     assert torch.allclose(scores, get_criterion(criterion)(flipped, states, w), atol=1e-5)
     if criterion == "delta":
         assert int(scores.argmax()) == 5
+
+
+def test_selectivity_terms_predict_the_exact_logprob_change(tiny_llama: LoadedModel) -> None:
+    """The criterion's first-order term a is the slope of the toxic tokens' mean log-prob under damping."""
+    w = lm_head_weight(tiny_llama.model)
+    spectrum = decompose_lm_head(w)
+    states = planted_states(spectrum, direction=2)
+    a, b = selectivity_terms(spectrum, states, w)
+    assert torch.all(b > 0)
+    beta = 1e-3
+    for i in (0, 2, 7):
+        v = spectrum.right_vectors[i].float()
+        damped = states.toxic - beta * (states.toxic @ v)[:, None] * v  # h − β cᵢ vᵢ
+        before = torch.log_softmax(states.toxic @ w.T, -1).gather(1, states.toxic_tokens[:, None]).mean()
+        after = torch.log_softmax(damped @ w.T, -1).gather(1, states.toxic_tokens[:, None]).mean()
+        assert float((after - before) / beta) == pytest.approx(-float(a[i]), rel=2e-2, abs=1e-3)
+
+
+def test_auto_alphas_follow_the_selectivity_rule(tiny_llama: LoadedModel) -> None:
+    w = lm_head_weight(tiny_llama.model)
+    spectrum = decompose_lm_head(w)
+    states = planted_states(spectrum, direction=4)
+    intervention = build_intervention(tiny_llama.model, states, criterion="selectivity", k=5, alpha="auto",
+                                      spectrum=spectrum)
+    a, b = selectivity_terms(spectrum, states, w)
+    assert torch.equal(intervention.indices, torch.argsort(a * a / b, descending=True, stable=True)[:5])
+    assert torch.allclose(intervention.alphas, selective_alphas(a, b, intervention.indices))
+    assert torch.all((intervention.alphas >= -2) & (intervention.alphas <= 3))
+    with pytest.raises(InputError, match="alpha"):
+        build_intervention(tiny_llama.model, states, k=5, alpha="often")  # type: ignore[arg-type]
 
 
 def test_alpha_one_leaves_logits_identical(tiny: LoadedModel) -> None:
