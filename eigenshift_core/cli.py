@@ -158,9 +158,9 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from eigenshift_core.files import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:

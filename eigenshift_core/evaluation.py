@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import groupby
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from eigenshift_core.errors import InputError
+from eigenshift_core.files import atomic_write
 from eigenshift_core.generation import generate_continuations
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, output_layer
@@ -384,9 +383,9 @@ def write_report(report: dict[str, Any], out_dir: Path, intervention: Interventi
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
     json_path, png_path = out_dir / "report.json", out_dir / "report.png"
-    _atomic_write(json_path, lambda path: path.write_text(text))
+    atomic_write(json_path, lambda path: path.write_text(text))
     figure = _report_figure(report, intervention)
-    _atomic_write(png_path, lambda path: figure.savefig(path, format="png", dpi=120))
+    atomic_write(png_path, lambda path: figure.savefig(path, format="png", dpi=120))
     return [json_path, png_path]
 
 
@@ -424,18 +423,6 @@ def _plot_directions(ax: Any, intervention: Intervention) -> None:
     criterion = intervention.info.get("criterion", "criterion")
     ax.set(xlabel="direction (singular-value rank)", ylabel=f"score ({criterion})", title="directions")
     ax.legend(fontsize=8)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temp file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _finite_or_none(value: float) -> float | None:

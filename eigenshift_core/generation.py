@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eigenshift_core.errors import InputError
+from eigenshift_core.files import atomic_write
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, Tokenizer, output_layer
 
@@ -63,15 +64,14 @@ class Continuations:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {"prompt_index": self.prompt_index, "token_ids": self.token_ids, "lengths": self.lengths,
                    "states": self.states}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / ".continuations.tmp"))
         lines = [
             json.dumps({"row": r, "prompt_index": int(self.prompt_index[r]),
                         "prompt": self.prompts[int(self.prompt_index[r])], "text": self.texts[r], "spans": self.spans[r]})
             for r in range(len(self))
         ]
-        (directory / ".continuations.jsonl.tmp").write_text("\n".join(lines) + "\n")
-        (directory / ".continuations.tmp").replace(directory / "continuations.safetensors")
-        (directory / ".continuations.jsonl.tmp").replace(directory / "continuations.jsonl")
+        atomic_write(directory / "continuations.safetensors",
+                     lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        atomic_write(directory / "continuations.jsonl", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
         return directory
 
     @staticmethod

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eigenshift_core.errors import InputError, unknown_name
+from eigenshift_core.files import atomic_write
 from eigenshift_core.loading import lm_head_sha256, lm_head_weight, output_layer
 from eigenshift_core.states import StateSet
 
@@ -327,9 +326,9 @@ class Intervention:
             "delta": self.delta.to(torch.float32).contiguous(),
             "scores": self.scores.to(torch.float32).contiguous(),
         }
-        _atomic_write(directory / ARTIFACT_TENSORS, lambda p: save_file(tensors, str(p)))
+        atomic_write(directory / ARTIFACT_TENSORS, lambda p: save_file(tensors, str(p)))
         meta = {"format_version": FORMAT_VERSION, **self.info, "k": self.k, "alpha": self.alphas.tolist()}
-        _atomic_write(directory / ARTIFACT_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(directory / ARTIFACT_JSON, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
         return directory
 
     @staticmethod
@@ -354,18 +353,6 @@ class Intervention:
         if model is not None:
             intervention.check_model(model)
         return intervention
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temp file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def build_intervention(

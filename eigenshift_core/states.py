@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eigenshift_core.errors import InputError
+from eigenshift_core.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,8 @@ class StateSet:
             "nontoxic": self.nontoxic.contiguous(),
             "nontoxic_tokens": self.nontoxic_tokens.contiguous(),
         }
-        tmp = Path(path).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.info.items()})
-        tmp.replace(path)
+        metadata = {k: str(v) for k, v in self.info.items()}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @staticmethod
     def load(path: Path) -> StateSet:

@@ -204,6 +204,9 @@ def test_artifact_round_trip_and_refusals(tiny_llama: LoadedModel, tmp_path) -> 
 
     with pytest.raises(InputError, match="another lm_head"):
         other = type(tiny_llama.model)(tiny_llama.model.config)
+        other.load_state_dict(tiny_llama.model.state_dict())
+        with torch.no_grad():
+            other.lm_head.weight[0, 0] += 1e-3  # one weight of the head differs: the sha256 does
         Intervention.load(tmp_path, other)
     with pytest.raises(InputError, match="shape"):
         Intervention.load(tmp_path, GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
