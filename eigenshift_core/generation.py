@@ -109,7 +109,8 @@ def captured_head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def _stop_token_ids(lm: LoadedModel) -> set[int]:
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """Tokens that end a continuation: the generation config's EOS ids and the tokenizer's."""
     ids = lm.model.generation_config.eos_token_id
     stop = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if lm.tokenizer.eos_token_id is not None:
@@ -167,7 +168,7 @@ def generate_continuations(
     if any(len(ids) == 0 for ids in encoded):
         raise InputError("a prompt is empty after tokenization", field="prompts")
     row_prompt = [i for i in range(len(prompts)) for _ in range(samples)]
-    stop = _stop_token_ids(lm)
+    stop = stop_token_ids(lm)
     n, d = len(row_prompt), output_layer(model).in_features  # type: ignore[arg-type]
     token_ids = torch.full((n, max_new_tokens), -1, dtype=torch.long)
     states = torch.zeros(n, max_new_tokens, d)
