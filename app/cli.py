@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +30,34 @@ def worker_command(settings_queue: str) -> list[str]:
             "-Q", settings_queue, "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 
+class WorkerKeeper:
+    """Embedded mode: the one worker process, started again (after a short pause) whenever it dies."""
+
+    def __init__(self, command: list[str], *, pause_s: float = 1.0) -> None:
+        self.command, self.pause_s = command, pause_s
+        self.process = subprocess.Popen(command, env=os.environ.copy())
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="eigenshift-worker-keeper", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.pause_s):
+            if self.process.poll() is not None and not self._stopping.is_set():
+                print(f"eigenshift: worker exited with {self.process.returncode}; starting another", file=sys.stderr)
+                self.process = subprocess.Popen(self.command, env=os.environ.copy())
+                self.restarts += 1
+
+    def stop(self, timeout_s: float = 20) -> None:
+        self._stopping.set()
+        self._thread.join()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def serve(argv: Sequence[str]) -> int:
     import uvicorn
 
@@ -41,6 +70,7 @@ def serve(argv: Sequence[str]) -> int:
     get_settings.cache_clear()
     settings: Settings = get_settings()
     children: list[subprocess.Popen[bytes]] = []
+    keeper: WorkerKeeper | None = None
     try:
         if settings.redis_url is None:
             process, url = start_redis_server(settings.data_dir)
@@ -48,12 +78,20 @@ def serve(argv: Sequence[str]) -> int:
             os.environ["EIGENSHIFT_REDIS_URL"] = url
             get_settings.cache_clear()
             settings = get_settings()
+        if settings.admin_key_file:
+            from app.api.auth import ensure_admin_key
+
+            key, created = ensure_admin_key(settings.api_key_path)
+            if created:
+                print(f"eigenshift: generated admin API key (kept in {settings.api_key_path}):\n  {key}", flush=True)
         if not args.no_worker:
-            children.append(subprocess.Popen(worker_command(settings.queue), env=os.environ.copy()))
+            keeper = WorkerKeeper(worker_command(settings.queue))
         from app.main import create_app
 
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
+        if keeper is not None:
+            keeper.stop()
         for child in reversed(children):
             child.send_signal(signal.SIGTERM)
         for child in reversed(children):

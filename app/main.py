@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import errors
+from app.api.auth import KeyRing
 from app.api.routes import files, generate, health, interventions, jobs, score
 from app.metrics import Metrics
 from app.serving import GenerationOutput, ModelServer
@@ -44,7 +45,7 @@ def _load_server(app: FastAPI, settings: Settings, service: JobService, metrics:
         metrics.batch_rows.observe(len(outputs))
 
     return ModelServer(lm, resolve, max_size=settings.batch_max_size, window_s=settings.batch_window_ms / 1000,
-                       on_batch=on_batch)
+                       on_batch=on_batch, max_waiting=settings.max_generate_queue)
 
 
 @asynccontextmanager
@@ -52,6 +53,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     service = JobService(settings)
     app.state.service = service
+    app.state.keys = await run_in_threadpool(KeyRing.from_settings, settings)
     try:
         await run_in_threadpool(service.interventions.register_builtin, settings.default_intervention, settings.model)
     except Exception:  # Redis not up yet: the API still starts and /readyz says why
@@ -69,7 +71,7 @@ def _limit_body(max_bytes: int) -> Callable[[Request, Callable[[Request], Awaita
     async def limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            return errors.problem(413, f"request body is over {max_bytes} bytes")
+            return errors.problem(413, f"request body is over max_body_bytes={max_bytes} bytes")
         return await call_next(request)
 
     return limit

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from app.sampling import sample_next_tokens
+from eigenshift_core.generation import stop_token_ids
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
 
@@ -43,26 +45,6 @@ class GenerationOutput:
     finish_reason: str  # "stop" (end of sequence) or "length"
 
 
-def _stop_ids(lm: LoadedModel) -> set[int]:
-    ids = lm.model.generation_config.eos_token_id
-    stop = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if lm.tokenizer.eos_token_id is not None:
-        stop.add(int(lm.tokenizer.eos_token_id))
-    return stop
-
-
-def _sample(logits: torch.Tensor, request: GenerationRequest, generator: torch.Generator) -> int:
-    """One token from (vocab,) float32 logits: argmax at temperature 0, else nucleus sampling."""
-    if request.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / request.temperature, dim=-1)
-    if request.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < request.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def _cache_argument(model: torch.nn.Module) -> str:
     """transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -78,7 +60,8 @@ def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list
     mask = batch["attention_mask"].to(model.device)  # (n, L)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    stop = _stop_ids(lm)
+    temperatures, top_ps = [r.temperature for r in requests], [r.top_p for r in requests]
+    stop = stop_token_ids(lm)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     finish = ["length"] * n
@@ -99,9 +82,10 @@ def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list
             past = getattr(out, cache_arg)
             logits = out.logits[:, -1].to("cpu", torch.float32)  # (n, vocab)
             logp = torch.log_softmax(logits, dim=-1)
+            sampled = sample_next_tokens(logits, temperatures, top_ps, generators)  # all rows at once
             chosen = []
             for row, request in enumerate(requests):
-                token = _sample(logits[row], request, generators[row]) if active[row] else int(tokenizer.pad_token_id)
+                token = sampled[row] if active[row] else int(tokenizer.pad_token_id)
                 chosen.append(token)
                 if not active[row]:
                     continue
@@ -121,6 +105,10 @@ def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list
             for t, lp, f in zip(tokens, logprobs, finish, strict=True)]
 
 
+class Busy(Exception):
+    """The generation queue is full: answered 503 with Retry-After at once, never queued."""
+
+
 @dataclass
 class _Pending:
     request: GenerationRequest
@@ -132,8 +120,11 @@ class Batcher:
     it (up to `max_size` rows) runs as one batch on the single model thread."""
 
     def __init__(self, run: Callable[[list[GenerationRequest]], list[GenerationOutput]], *, max_size: int,
-                 window_s: float, on_batch: Callable[[list[GenerationOutput]], None] | None = None) -> None:
+                 window_s: float, on_batch: Callable[[list[GenerationOutput]], None] | None = None,
+                 max_waiting: int | None = None) -> None:
         self.run = run
+        self.max_waiting = max_waiting
+        self.waiting = 0  # rows queued or in the running batch
         self.max_size = max_size
         self.window_s = window_s
         self.on_batch = on_batch
@@ -155,11 +146,19 @@ class Batcher:
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         """Queue the requests (they may land in different batches) and wait for all of them."""
         assert self._queue is not None, "Batcher.start() was not awaited"
+        if self.max_waiting is not None and self.waiting + len(requests) > self.max_waiting:
+            raise Busy(f"the generation queue is full ({self.waiting} of max_generate_queue={self.max_waiting} rows)")
         loop = asyncio.get_running_loop()
         pending = [_Pending(r, loop.create_future()) for r in requests]
-        for item in pending:
-            self._queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+        self.waiting += len(pending)
+        try:
+            for item in pending:
+                self._queue.put_nowait(item)
+            return list(await asyncio.gather(*(item.future for item in pending)))
+        finally:  # also when the client went away: its futures are cancelled and the batch loop skips them
+            self.waiting -= len(pending)
+            for item in pending:
+                item.future.cancel()
 
     async def _loop(self) -> None:
         assert self._queue is not None
@@ -201,12 +200,13 @@ class ModelServer:
     """The one model of this process, its interventions (loaded once each) and the batcher in front of it."""
 
     def __init__(self, lm: LoadedModel, resolve: Callable[[str], Intervention], *, max_size: int, window_s: float,
-                 on_batch: Callable[[list[GenerationOutput]], None] | None = None) -> None:
+                 on_batch: Callable[[list[GenerationOutput]], None] | None = None,
+                 max_waiting: int | None = None) -> None:
         self.lm = lm
         self._resolve = resolve
         self._interventions: dict[str, Intervention] = {}
         self.batcher = Batcher(lambda requests: decode_batch(lm, requests), max_size=max_size, window_s=window_s,
-                               on_batch=on_batch)
+                               on_batch=on_batch, max_waiting=max_waiting)
 
     def intervention(self, intervention_id: str) -> Intervention:
         """The intervention with this id, checked against the served lm_head once and kept."""

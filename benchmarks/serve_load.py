@@ -61,13 +61,15 @@ async def run(quick: bool) -> dict[str, Any]:
         random_intervention(lm.lm_head.in_features, 32, alpha=0.5).save(tmp / "intervention")
         del lm
         settings = Settings(redis_url=url, data_dir=tmp / "data", default_intervention=tmp / "intervention",
-                            device="cpu", batch_max_size=32, batch_window_ms=5, max_generate_batch=64)
+                            device="cpu", batch_max_size=32, batch_window_ms=5, max_generate_batch=64,
+                            rate_limit_per_s=1e6, rate_limit_burst=10**6)
         app = create_app(settings)
         prompts = rtp_prompts(64)
         results: dict[str, Any] = {}
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            auth = {"Authorization": f"Bearer {settings.api_key_path.read_text().strip()}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://bench", headers=auth) as client:
                 await load(client, prompts, 1, 1, 2, True)  # warm-up
                 batcher = app.state.server.batcher
                 for mode, size in (("batched", 32), ("one_at_a_time", 1)):

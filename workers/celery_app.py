@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -41,16 +42,23 @@ def _worker_name() -> str:
 def start_heartbeat(**_: Any) -> None:
     """Beat every `heartbeat_s` from a daemon thread (the solo pool's thread is busy with tasks)."""
     from workers.jobs import JobStore, connect
+    from workers.reaper import reap_expired
+    from workers.store import open_store
 
     settings = get_settings()
     jobs = JobStore(connect(settings), settings.key_prefix)
+    store = open_store(settings)
 
     def beat() -> None:
+        next_reap = time.monotonic()
         while not _stop.is_set():
             try:
                 jobs.beat(_worker_name(), ttl_s=settings.heartbeat_s * 3)
+                if time.monotonic() >= next_reap:
+                    next_reap = time.monotonic() + settings.reap_interval_s
+                    reap_expired(jobs, store, retention_s=settings.job_retention_s)
             except Exception:  # Redis away for a while: keep trying, the key expires meanwhile
-                log.warning("heartbeat failed", exc_info=True)
+                log.warning("heartbeat or reaping failed", exc_info=True)
             _stop.wait(settings.heartbeat_s)
 
     threading.Thread(target=beat, name="eigenshift-heartbeat", daemon=True).start()

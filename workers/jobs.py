@@ -144,6 +144,13 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
+    def delete(self, job_id: str) -> None:
+        """Forget a job: its record and its place in the index (artifacts are the store's business)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self._job(job_id))
+        pipe.zrem(self._index, job_id)
+        pipe.execute()
+
     def list(self, *, kind: str | None = None, state: str | None = None, offset: int = 0,
              limit: int = 50) -> tuple[builtins.list[JobRecord], int]:
         """Newest first, filtered; (page, total matching)."""

@@ -70,7 +70,10 @@ class StepContext:
         self.jobs.update(self.job_id, change)
 
     def should_stop(self) -> bool:
-        return self.jobs.get(self.job_id).cancel_requested
+        """True when the job was cancelled; raises `JobTimeLimit` once it has run longer than `job_timeout_s`."""
+        record = self.jobs.get(self.job_id)
+        check_time_limit(record, self.settings.job_timeout_s)
+        return record.cancel_requested
 
     def fetch(self, key: str, name: str) -> Path:
         """A file of the store in this step's scratch directory."""
@@ -81,6 +84,15 @@ class StepContext:
 
 
 StepFunction = Callable[[StepContext], StepResult]
+
+
+class JobTimeLimit(Exception):
+    """The job ran longer than `job_timeout_s`: it fails with this reason."""
+
+
+def check_time_limit(record: JobRecord, limit_s: float) -> None:
+    if record.started_at is not None and (now() - record.started_at).total_seconds() > limit_s:
+        raise JobTimeLimit(f"the job ran longer than job_timeout_s={limit_s:g} seconds")
 
 
 def services(settings: Settings) -> tuple[JobStore, ArtifactStore, InterventionRegistry]:
@@ -107,6 +119,11 @@ def run_step(job_id: str, step: str, function: StepFunction, settings: Settings 
         r.progress.stage, r.progress.done, r.progress.total = step, 0, 0
 
     record = jobs.update(job_id, start)
+    try:  # a redelivered step of a job that is already over its time
+        check_time_limit(record, settings.job_timeout_s)
+    except JobTimeLimit as error:
+        _finish(jobs, job_id, "failed", error=JobError(type="JobTimeLimit", message=str(error)))
+        return "failed"
     base = settings.work_dir / job_id / step
     shutil.rmtree(base, ignore_errors=True)
     ctx = StepContext(settings, jobs, store, interventions, record, SPECS[record.kind].model_validate(record.params),
@@ -125,7 +142,13 @@ def run_step(job_id: str, step: str, function: StepFunction, settings: Settings 
         return "failed"
     finally:
         shutil.rmtree(base / "scratch", ignore_errors=True)
-    names = _upload(ctx, step)
+    try:  # the step's outputs must reach the store, or the job did not succeed
+        names = [f"{step}/{name}" for name in put_dir(ctx.store, f"jobs/{ctx.job_id}/{step}", ctx.out)]
+    except Exception as error:
+        log.exception("upload of job %s step %s failed", job_id, step)
+        _finish(jobs, job_id, "failed", error=JobError(
+            type="ArtifactStoreError", message=f"could not store the {step} step's artifacts: {error}"))
+        return "failed"
 
     def done(r: JobRecord) -> None:
         r.steps_done.append(step)

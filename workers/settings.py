@@ -6,16 +6,34 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "eigenshift"
+Scope = Literal["generate", "score", "jobs:write", "jobs:read", "admin"]
+
+
+class ApiKeySpec(BaseModel):
+    """One API key as configured: its name, the SHA-256 hex digest of the secret (never the secret), its scopes."""
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[Scope] = Field(min_length=1)
+    rate_per_s: float | None = Field(None, gt=0, description="this key's own rate limit (default: rate_limit_per_s)")
+    burst: int | None = Field(None, ge=1, description="this key's own bucket size (default: rate_limit_burst)")
 
 
 class Settings(BaseSettings):
     """Everything deployment-specific. Embedded default: local Redis socket, local artifacts, `embedded`."""
 
     model_config = SettingsConfigDict(env_prefix="EIGENSHIFT_", extra="ignore")
+
+    # Access. Keys as JSON in EIGENSHIFT_API_KEYS; plus, when admin_key_file is on, the admin key kept in
+    # <data_dir>/api-key (generated at first start).
+    api_keys: list[ApiKeySpec] = Field(default_factory=list)
+    admin_key_file: bool = Field(True, description="generate and accept the admin key in <data_dir>/api-key")
+    rate_limit_per_s: float = Field(20.0, gt=0, description="requests per second per key (token bucket refill)")
+    rate_limit_burst: int = Field(40, ge=1, description="bucket size: requests a key may send at once")
 
     # Queue and records. None means "the Redis that `eigenshift serve` starts under data_dir".
     redis_url: str | None = None
@@ -25,6 +43,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0)
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout: Redis trouble is a 503, never a hang")
     retry_after_s: int = 5
+    job_retention_s: int = Field(7 * 86400, ge=60, description="finished jobs and their artifacts live this long")
+    reap_interval_s: float = Field(300.0, gt=0, description="how often a worker deletes expired jobs")
 
     # Files.
     data_dir: Path = DEFAULT_DATA_DIR
@@ -56,11 +76,16 @@ class Settings(BaseSettings):
     max_generate_batch: int = Field(64, ge=1, description="prompts in one POST /generate or texts in POST /score")
     max_new_tokens_limit: int = Field(256, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
+    max_generate_queue: int = Field(256, ge=1, description="rows waiting for the model; beyond it /generate is a 503")
 
     @property
     def redis_address(self) -> str:
         """The Redis URL in use: the configured one, or the embedded server's unix socket."""
         return self.redis_url or f"unix://{self.data_dir / 'redis.sock'}"
+
+    @property
+    def api_key_path(self) -> Path:
+        return self.data_dir / "api-key"
 
     @property
     def work_dir(self) -> Path:

@@ -38,9 +38,9 @@ def check_source(source: PromptSource, settings: Settings, store: ArtifactStore)
     """Everything about a source that can be known without reading it through (API side, before queuing)."""
     if source.texts is not None:
         if len(source.texts) > settings.max_job_prompts:
-            raise TooLarge(f"{len(source.texts)} prompts; at most {settings.max_job_prompts}")
+            raise TooLarge(f"{len(source.texts)} prompts; max_job_prompts={settings.max_job_prompts}")
         if any(len(text) > settings.max_prompt_chars for text in source.texts):
-            raise TooLarge(f"a prompt is longer than {settings.max_prompt_chars} characters")
+            raise TooLarge(f"a prompt is longer than max_prompt_chars={settings.max_prompt_chars} characters")
     elif source.file_id is not None:
         if not store.exists(upload_key(source.file_id)):
             raise InputError(f"no uploaded file {source.file_id!r}", field="prompts.file_id")

@@ -16,23 +16,25 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.serving import Busy
 from eigenshift_core.errors import InputError
 from workers.interventions import InterventionNotFound
 from workers.jobs import IdempotencyConflict, JobNotFound, TooLarge, Unavailable
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
-TITLES = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
-          413: "Content too large", 422: "Invalid field", 500: "Internal error", 503: "Service unavailable",
+TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
+          413: "Content too large", 422: "Invalid field", 429: "Too many requests", 500: "Internal error", 503: "Service unavailable",
           504: "Timed out"}
 
 
 class Problem(Exception):
     """An error answered with its own status (routes raise it for 404s of path ids and the like)."""
 
-    def __init__(self, status: int, detail: str, *, field: str | None = None, slug: str | None = None) -> None:
+    def __init__(self, status: int, detail: str, *, field: str | None = None, slug: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail, self.field, self.slug = status, detail, field, slug
+        self.status, self.detail, self.field, self.slug, self.headers = status, detail, field, slug, headers
 
 
 def problem(status: int, detail: str, *, field: str | None = None, slug: str | None = None,
@@ -74,7 +76,7 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
 
     @app.exception_handler(Problem)
     async def own(_: Request, error: Problem) -> JSONResponse:
-        return problem(error.status, error.detail, field=error.field, slug=error.slug)
+        return problem(error.status, error.detail, field=error.field, slug=error.slug, headers=error.headers)
 
     @app.exception_handler(JobNotFound)
     async def no_job(_: Request, error: JobNotFound) -> JSONResponse:
@@ -87,6 +89,10 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
     @app.exception_handler(IdempotencyConflict)
     async def conflict(_: Request, error: IdempotencyConflict) -> JSONResponse:
         return problem(409, str(error), field="Idempotency-Key", slug="idempotency-conflict")
+
+    @app.exception_handler(Busy)
+    async def busy(_: Request, error: Busy) -> JSONResponse:
+        return problem(503, str(error), slug="generation-queue-full", headers=unavailable_headers)
 
     @app.exception_handler(Unavailable)
     async def unavailable(_: Request, error: Unavailable) -> JSONResponse:

@@ -17,6 +17,7 @@ import redis
 import torch
 from fastapi.testclient import TestClient
 
+from app.api.auth import digest
 from app.cli import worker_command
 from app.main import create_app
 from eigenshift_core.intervention import build_intervention
@@ -25,9 +26,10 @@ from eigenshift_core.states import StateSet
 from tests.conftest import SHARED_DATA
 from workers.jobs import JobStore, connect
 from workers.redis_server import start_redis_server
-from workers.settings import Settings
+from workers.settings import ApiKeySpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+READER_KEY, SLOW_KEY = "reader-secret", "slow-secret"  # a key with jobs:read only; one with 1 request/s
 START_DEADLINE_S = 240  # generous: only a limit on waiting for a process that died, never an assertion
 
 
@@ -75,7 +77,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, default_i
         redis_url=redis_url, data_dir=tmp_path_factory.mktemp("data"), data_root=SHARED_DATA,
         default_intervention=default_intervention, device="cpu", torch_threads=1, heartbeat_s=0.5,
         batch_window_ms=20, max_body_bytes=1_000_000, max_prompt_chars=500, max_job_prompts=50,
-        max_generate_batch=16, max_new_tokens_limit=64,
+        max_generate_batch=16, max_new_tokens_limit=64, rate_limit_per_s=1000, rate_limit_burst=1000,
+        api_keys=[ApiKeySpec(name="reader", sha256=digest(READER_KEY), scopes=["jobs:read"]),
+                  ApiKeySpec(name="slow", sha256=digest(SLOW_KEY), scopes=["generate"], rate_per_s=0.2,
+                              burst=2)],
     )
 
 
@@ -105,7 +110,13 @@ def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
 def client(settings: Settings, worker: subprocess.Popen[bytes]) -> Iterator[TestClient]:
     torch.set_num_threads(1)
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {admin_key(settings)}"
         yield test_client
+
+
+def admin_key(settings: Settings) -> str:
+    """The admin key the app generated at first start in <data_dir>/api-key."""
+    return settings.api_key_path.read_text().strip()
 
 
 @pytest.fixture(scope="session")

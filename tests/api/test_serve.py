@@ -45,7 +45,11 @@ def test_serve_starts_everything(tmp_path: Path, default_intervention: Path) -> 
                 pytest.fail(f"serve did not become ready:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
             time.sleep(0.5)
         assert (data / "redis.sock").is_socket()
-        answer = httpx.get(f"{base}/generate", params={"prompt": "Hello", "detox": "true", "max_new_tokens": 2},
+        key = (data / "api-key").read_text().strip()
+        assert key in (tmp_path / "serve.log").read_text()  # printed at first start
+        params = {"prompt": "Hello", "detox": "true", "max_new_tokens": 2}
+        assert httpx.get(f"{base}/generate", params=params, timeout=120).status_code == 401
+        answer = httpx.get(f"{base}/generate", params=params, headers={"Authorization": f"Bearer {key}"},
                            timeout=120).json()
         assert answer["data"][0]["intervention"] == "embedded-default"
     finally:
@@ -56,3 +60,18 @@ def test_serve_starts_everything(tmp_path: Path, default_intervention: Path) -> 
             process.kill()
         log.close()
     assert not (data / "redis.sock").exists()  # Redis went down with it
+
+
+def test_embedded_worker_is_restarted_when_it_dies() -> None:
+    from app.cli import WorkerKeeper
+
+    keeper = WorkerKeeper([sys.executable, "-c", "import time; time.sleep(0.2)"], pause_s=0.1)
+    try:
+        first = keeper.process.pid
+        deadline = time.monotonic() + 30
+        while keeper.restarts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert keeper.restarts >= 2 and keeper.process.pid != first
+    finally:
+        keeper.stop(timeout_s=5)
+    assert keeper.process.poll() is not None

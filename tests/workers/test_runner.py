@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from eigenshift_core.errors import InputError
 from eigenshift_core.pipeline import Cancelled
 from workers.jobs import JobStore, connect
@@ -81,3 +83,50 @@ def test_workers_never_import_the_app() -> None:
             "bad = sorted(m for m in sys.modules if m == 'app' or m.startswith('app.') or m == 'fastapi'); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_job_over_its_time_limit_fails_with_the_reason(worker_settings: Settings) -> None:
+    from datetime import timedelta
+
+    from workers.jobs import now
+
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    job_id = _job(worker_settings, ["extract"])
+    limit = worker_settings.job_timeout_s
+    jobs.update(job_id, lambda r: setattr(r, "started_at", now() - timedelta(seconds=limit + 1)))
+    step, calls = _writes("states.safetensors")
+    assert run_step(job_id, "extract", step, worker_settings) == "failed" and not calls
+    record = jobs.get(job_id)
+    assert record.error and record.error.type == "JobTimeLimit" and "job_timeout_s" in record.error.message
+
+    job_id = _job(worker_settings, ["extract"])
+
+    def slow(ctx: StepContext) -> StepResult:
+        jobs.update(ctx.job_id, lambda r: setattr(r, "started_at", now() - timedelta(seconds=limit + 1)))
+        ctx.should_stop()  # what the core calls between batches
+        return StepResult()
+
+    assert run_step(job_id, "extract", slow, worker_settings) == "failed"
+    assert jobs.get(job_id).error.type == "JobTimeLimit"  # type: ignore[union-attr]
+
+
+def test_artifact_store_failure_fails_the_job_and_keeps_earlier_artifacts(worker_settings: Settings,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.store import LocalStore
+
+    job_id = _job(worker_settings, ["extract", "reconstruct"])
+    assert run_step(job_id, "extract", _writes("states.safetensors")[0], worker_settings) == "done"
+    store = open_store(worker_settings)
+    before = store.read_bytes(f"jobs/{job_id}/extract/states.safetensors")
+
+    def disk_full(self: LocalStore, key: str, path: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(LocalStore, "put_file", disk_full)
+    monkeypatch.setattr(LocalStore, "put_bytes", disk_full)
+    assert run_step(job_id, "reconstruct", _writes("intervention.json")[0], worker_settings) == "failed"
+    record = JobStore(connect(worker_settings), worker_settings.key_prefix).get(job_id)
+    assert record.state == "failed" and record.error and record.error.type == "ArtifactStoreError"
+    assert "No space left on device" in record.error.message
+    assert record.artifacts == ["extract/states.safetensors"]
+    assert store.read_bytes(f"jobs/{job_id}/extract/states.safetensors") == before

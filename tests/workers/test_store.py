@@ -80,3 +80,15 @@ def test_keys_cannot_climb_out(key: str, store: ArtifactStore) -> None:
         check_key(key)
     with pytest.raises(InputError):
         store.put_bytes(key, b"x")
+
+
+def test_concurrent_writes_of_one_key_leave_one_whole_file(tmp_path: Path) -> None:
+    """A task delivered twice writes the same artifact twice at once: one complete version wins."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LocalStore(tmp_path)
+    versions = [bytes([i]) * 1_000_000 for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda data: store.put_bytes("jobs/j/generate/out.bin", data), versions))
+    assert store.read_bytes("jobs/j/generate/out.bin") in versions
+    assert [p.name for p in (tmp_path / "jobs/j/generate").iterdir()] == ["out.bin"]  # no temp files left

@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 from fastapi import APIRouter, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.auth import requires
 from app.api.deps import ServiceDep, SettingsDep
 from app.schemas import FilePublic
 from eigenshift_core.errors import InputError
@@ -17,7 +18,7 @@ from workers.jobs import TooLarge
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, dependencies=[requires("jobs:write")])
 async def create_file(file: UploadFile, service: ServiceDep, settings: SettingsDep) -> FilePublic:
     """Upload a prompt file; its id goes into a job's `prompts.file_id`."""
     suffix = PurePosixPath(file.filename or "").suffix.lower()
@@ -25,7 +26,7 @@ async def create_file(file: UploadFile, service: ServiceDep, settings: SettingsD
         raise InputError(f"prompt files must end in one of {', '.join(SUFFIXES)}", field="file")
     data = await file.read(settings.max_body_bytes + 1)
     if len(data) > settings.max_body_bytes:
-        raise TooLarge(f"file is over {settings.max_body_bytes} bytes")
+        raise TooLarge(f"file is over max_body_bytes={settings.max_body_bytes} bytes")
     file_id = f"{uuid.uuid4().hex}{suffix}"
     await run_in_threadpool(service.store.put_bytes, f"uploads/{file_id}", data)
     return FilePublic(id=file_id, bytes=len(data))

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.auth import requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import Problem
 from app.schemas import GenerateBatch, GenerateItem, Generation, GenerationsPublic
@@ -25,12 +26,12 @@ router = APIRouter(prefix="/generate", tags=["generate"])
 async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDep, service: ServiceDep,
                     server: ServerDep, metrics: MetricsDep) -> GenerationsPublic:
     if len(items) > settings.max_generate_batch:
-        raise TooLarge(f"{len(items)} prompts in one request; at most {settings.max_generate_batch}")
+        raise TooLarge(f"{len(items)} prompts in one request; max_generate_batch={settings.max_generate_batch}")
     for item in items:
         if len(item.prompt) > settings.max_prompt_chars:
-            raise TooLarge(f"a prompt is longer than {settings.max_prompt_chars} characters")
+            raise TooLarge(f"a prompt is longer than max_prompt_chars={settings.max_prompt_chars} characters")
         if item.max_new_tokens > settings.max_new_tokens_limit:
-            raise InputError(f"max_new_tokens is at most {settings.max_new_tokens_limit}", field="max_new_tokens")
+            raise InputError(f"max_new_tokens is over max_new_tokens_limit={settings.max_new_tokens_limit}", field="max_new_tokens")
     chosen = [await run_in_threadpool(_intervention_id, item, settings.model, service) for item in items]
     resolved: dict[str, Intervention] = {}
     for intervention_id in {i for i in chosen if i is not None}:
@@ -70,7 +71,7 @@ def _load(server: ServerDep, intervention_id: str) -> Intervention:
         raise InputError(f"no intervention {intervention_id!r}", field="intervention") from None
 
 
-@router.get("")
+@router.get("", dependencies=[requires("generate")])
 async def generate_text(
     settings: SettingsDep, service: ServiceDep, server: ServerDep, metrics: MetricsDep,
     prompt: Annotated[str, Query(min_length=1, description="text to continue")],
@@ -88,7 +89,7 @@ async def generate_text(
     return await _generate([item], score, settings, service, server, metrics)
 
 
-@router.post("")
+@router.post("", dependencies=[requires("generate")])
 async def generate_batch(body: GenerateBatch, settings: SettingsDep, service: ServiceDep, server: ServerDep,
                          metrics: MetricsDep) -> GenerationsPublic:
     """Continue several prompts, each with its own detox setting and sampling."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.auth import requires
 from app.api.deps import MetricsDep, ServiceDep, SettingsDep
 from app.api.errors import problem
 from app.schemas import Health
@@ -38,7 +39,7 @@ async def read_readiness(request: Request, service: ServiceDep, settings: Settin
                    extra={"checks": checks})
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get("/metrics", dependencies=[requires("admin")], response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def read_metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests and latency, jobs by state, queue depth, tokens generated."""
     def gather() -> tuple[dict[str, int] | None, int | None]:

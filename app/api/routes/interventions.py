@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from fastapi.concurrency import run_in_threadpool
 
+from app.api.auth import requires
 from app.api.deps import ServiceDep
 from app.schemas import InterventionPublic, InterventionsPublic
 from workers.interventions import InterventionRecord
@@ -20,7 +21,7 @@ def _public(record: InterventionRecord, active: str | None) -> InterventionPubli
     return InterventionPublic(**record.model_dump(), active=record.id == active)
 
 
-@router.get("")
+@router.get("", dependencies=[requires("jobs:read")])
 async def list_interventions(service: ServiceDep,
                              model: str | None = Query(None, min_length=1, max_length=200)) -> InterventionsPublic:
     """List interventions, oldest first, optionally of one model."""
@@ -33,7 +34,7 @@ async def list_interventions(service: ServiceDep,
     return InterventionsPublic(data=data, count=len(data))
 
 
-@router.get("/{intervention_id}")
+@router.get("/{intervention_id}", dependencies=[requires("jobs:read")])
 async def read_intervention(intervention_id: InterventionId, service: ServiceDep) -> InterventionPublic:
     """Read one intervention."""
     def read() -> InterventionPublic:
@@ -43,7 +44,7 @@ async def read_intervention(intervention_id: InterventionId, service: ServiceDep
     return await run_in_threadpool(read)
 
 
-@router.post("/{intervention_id}/activate")
+@router.post("/{intervention_id}/activate", dependencies=[requires("admin")])
 async def activate_intervention(intervention_id: InterventionId, service: ServiceDep) -> InterventionPublic:
     """Make this intervention its model's default for detoxified generation."""
     record = await run_in_threadpool(service.interventions.activate, intervention_id)
