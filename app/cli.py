@@ -58,6 +58,10 @@ class WorkerKeeper:
             self.process.kill()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(argv: Sequence[str]) -> int:
     import uvicorn
 
@@ -88,6 +92,9 @@ def serve(argv: Sequence[str]) -> int:
             keeper = WorkerKeeper(worker_command(settings.queue))
         from app.main import create_app
 
+        # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would kill
+        # this process before `finally` stops the worker and Redis, leaving them orphaned.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
         if keeper is not None:

@@ -53,13 +53,27 @@ def test_serve_starts_everything(tmp_path: Path, default_intervention: Path) -> 
                            timeout=120).json()
         assert answer["data"][0]["intervention"] == "embedded-default"
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)  # what docker stop and systemd send to the one process
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
     assert not (data / "redis.sock").exists()  # Redis went down with it
+    assert not processes_using(data)  # and so did the worker
+
+
+def processes_using(data: Path) -> list[int]:
+    """Processes whose environment names `data` as their data directory (the worker, Redis)."""
+    marker = f"EIGENSHIFT_DATA_DIR={data.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def test_embedded_worker_is_restarted_when_it_dies() -> None:
