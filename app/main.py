@@ -16,6 +16,7 @@ from app.metrics import Metrics
 from app.serving import GenerationOutput, ModelServer
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
+from workers.models import grant_model
 from workers.settings import Settings, get_settings
 from workers.submit import JobService
 
@@ -28,8 +29,9 @@ def _load_server(app: FastAPI, settings: Settings, service: JobService, metrics:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    lm = load_model(settings.model, device=settings.device, dtype=settings.dtype,
-                    cache_dir=settings.cache_dir or DEFAULT_CACHE_DIR)
+    grant = grant_model(settings, settings.model)
+    lm = load_model(grant.model_id, device=settings.device, dtype=settings.dtype, revision=grant.revision,
+                    trust_remote_code=grant.trust_remote_code, cache_dir=settings.cache_dir or DEFAULT_CACHE_DIR)
     cache = settings.data_dir / "cache" / "interventions"
 
     def resolve(intervention_id: str) -> Intervention:

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     lm = load_model("embedded", device="cpu")
     intervention = random_intervention(lm.lm_head.in_features, K, alpha=ALPHA)
     log("warm-up")
-    one_run(lm, prompts, None)
-    one_run(lm, prompts, intervention)
+    for warm in (None, intervention):
+        generate_continuations(lm, prompts, max_new_tokens=4, batch_size=BATCH, intervention=warm)
 
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     for pair in range(pairs):

@@ -19,6 +19,7 @@ from eigenshift_core.loading import DEFAULT_CACHE_DIR, LoadedModel, load_model
 from eigenshift_core.pipeline import Cancelled
 from workers.interventions import InterventionRegistry
 from workers.jobs import TERMINAL, JobError, JobRecord, JobStore, connect, now
+from workers.models import ModelGrant, grant_model
 from workers.settings import Settings, get_settings
 from workers.specs import SPECS, JobSpec
 from workers.store import ArtifactStore, open_store, put_dir
@@ -27,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(model_id: str, device: str, dtype: str, cache_dir: Path) -> LoadedModel:
-    """One copy of each model per worker process, loaded on first use."""
-    return load_model(model_id, device=device, dtype=dtype, cache_dir=cache_dir)  # type: ignore[arg-type]
+def cached_model(grant: ModelGrant, device: str, dtype: str, cache_dir: Path) -> LoadedModel:
+    """One copy of each model per worker process, loaded on first use, as its allowlist entry permits."""
+    return load_model(grant.model_id, device=device, dtype=dtype, cache_dir=cache_dir,  # type: ignore[arg-type]
+                      revision=grant.revision, trust_remote_code=grant.trust_remote_code)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class StepContext:
             import torch
 
             torch.set_num_threads(s.torch_threads)
-        return cached_model(self.spec.model, s.device, s.dtype, s.cache_dir or DEFAULT_CACHE_DIR)
+        return cached_model(grant_model(s, self.spec.model), s.device, s.dtype, s.cache_dir or DEFAULT_CACHE_DIR)
 
     def progress(self, stage: str, done: int, total: int) -> None:
         def change(record: JobRecord) -> None:

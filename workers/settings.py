@@ -6,7 +6,7 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "eigenshift"
@@ -21,6 +21,36 @@ class ApiKeySpec(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
     rate_per_s: float | None = Field(None, gt=0, description="this key's own rate limit (default: rate_limit_per_s)")
     burst: int | None = Field(None, ge=1, description="this key's own bucket size (default: rate_limit_burst)")
+
+
+class AllowedModel(BaseModel):
+    """A model that jobs and the server may load: one hub id (or `embedded`), or any directory under a local root.
+
+    `trust_remote_code` runs the model repository's own Python: it is off unless its entry turns it on.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(None, min_length=1, max_length=200, description="a hub id or `embedded`")
+    root: Path | None = Field(None, description="model directories under this absolute path")
+    revision: str | None = Field(None, description="pin the hub revision (branch, tag or commit)")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        """A plain string is a hub id, or a root when it is an absolute path."""
+        if isinstance(value, str):
+            return {"root": value} if value.startswith("/") else {"id": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AllowedModel:
+        if (self.id is None) == (self.root is None):
+            raise ValueError("an allowed model names exactly one of `id` and `root`")
+        if self.root is not None and not self.root.is_absolute():
+            raise ValueError("`root` must be an absolute path")
+        return self
 
 
 class Settings(BaseSettings):
@@ -59,7 +89,10 @@ class Settings(BaseSettings):
 
     # Models.
     model: str = Field("embedded", description="the model the API serves (one per process)")
-    models: list[str] = Field(default_factory=lambda: ["embedded"], description="models jobs may name")
+    models: list[AllowedModel] = Field(
+        default_factory=lambda: [AllowedModel(id="embedded")],
+        description="the allowlist of models jobs may name: hub ids, `embedded`, or local roots (absolute paths); "
+                    "JSON like [\"embedded\", \"/models\", {\"id\": \"org/name\", \"trust_remote_code\": true}]")
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path | None = None

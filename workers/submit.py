@@ -18,6 +18,7 @@ from eigenshift_core.scoring import known_scorers
 from workers.celery_app import TASK_NAMES, create_celery
 from workers.interventions import InterventionNotFound, InterventionRegistry
 from workers.jobs import TERMINAL, JobError, JobNotFound, JobRecord, JobStore, Unavailable, connect, now
+from workers.models import grant_model
 from workers.settings import Settings
 from workers.sources import check_source, data_path
 from workers.specs import (
@@ -106,8 +107,7 @@ class JobService:
 
     def check_spec(self, spec: JobSpec) -> None:
         """What needs settings or state: allowed model and scorer, sources, rows, referenced jobs."""
-        if spec.model not in self.settings.models:
-            raise unknown_name("model", spec.model, self.settings.models, field="model")
+        grant_model(self.settings, spec.model)
         scorer = getattr(spec, "scorer", None)
         if scorer is not None and scorer.partition(":")[0] not in known_scorers():
             raise unknown_name("scorer", scorer.partition(":")[0], known_scorers(), field="scorer")

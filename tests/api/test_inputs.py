@@ -81,3 +81,11 @@ def test_csv_without_a_prompt_column_is_refused_clearly(client: TestClient) -> N
     job = wait_for_job(client, answer.json()["id"])
     assert job["state"] == "failed" and job["error"]["type"] == "InputError", job
     assert "no `prompt` column" in job["error"]["message"]
+
+
+def test_a_model_outside_the_allowlist_is_422_and_leaves_no_job(client: TestClient) -> None:
+    before = client.get("/jobs", params={"limit": 1}).json()["count"]
+    answer = client.post("/jobs/generate", json={"model": "/etc", "prompts": {"texts": ["hello"]}, "samples": 1})
+    assert answer.status_code == 422
+    assert answer.json()["field"] == "model" and "not allowed" in answer.json()["detail"]
+    assert client.get("/jobs", params={"limit": 1}).json()["count"] == before
