@@ -11,9 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api import errors
 from app.api.auth import KeyRing
-from app.api.routes import files, generate, health, interventions, jobs, score
+from app.api.routes import files, generate, health, interventions, jobs, moderation, openai_compat, score
 from app.metrics import Metrics
 from app.serving import GenerationOutput, ModelServer
+from app.ui import mount_ui
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
 from workers.models import grant_model
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, retry_after_s=settings.retry_after_s)
     app.middleware("http")(_limit_body(settings.max_body_bytes))
     app.middleware("http")(metrics.middleware)
-    for router in (jobs.router, interventions.router, generate.router, score.router, files.router, health.router):
-        app.include_router(router)
+    for router in (jobs.router, interventions.router, generate.router, score.router, moderation.router,
+                   openai_compat.router, files.router, health.router):
+        app.include_router(router, responses=errors.PROBLEM_RESPONSES)
+    mount_ui(app)
     return app

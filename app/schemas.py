@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.jobs import JobError, JobRecord, JobState, Progress
+from workers.jobs import JobError, JobRecord, JobState, Progress, WebhookDelivery
 from workers.specs import EvaluateSpec, ExtractSpec, GenerateSpec, PipelineSpec, ReconstructSpec
 
 
@@ -55,6 +55,8 @@ class JobPublic(BaseModel):
     intervention_id: str | None
     links: dict[str, str]
     artifacts: list[Link]
+    worker_losses: int = Field(0, description="times a worker died mid-step and the step was requeued")
+    deliveries: list[WebhookDelivery] = Field(default_factory=list, description="webhook attempts, oldest first")
 
     @classmethod
     def from_record(cls, record: JobRecord) -> JobPublic:
@@ -67,6 +69,7 @@ class JobPublic(BaseModel):
             error=record.error, cancel_requested=record.cancel_requested, steps=record.steps,
             steps_done=record.steps_done, params=record.params, intervention_id=record.intervention_id, links=links,
             artifacts=[Link(name=n, href=f"/jobs/{record.id}/artifacts/{n}") for n in record.artifacts],
+            worker_losses=record.worker_losses, deliveries=record.deliveries,
         )
 
 

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,9 @@ class GenerationRequest:
     top_p: float
     seed: int
     intervention: Intervention | None = None
+    # Streaming: called on the model thread with each token this row keeps (never the stop token), as it is
+    # chosen; returning False ends the row there (its reader went away or saw a stop string). None costs nothing.
+    on_token: Callable[[int], bool] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,9 @@ def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list
                     continue
                 tokens[row].append(token)
                 logprobs[row].append(float(logp[row, token]))
-                if len(tokens[row]) >= request.max_new_tokens:
+                if request.on_token is not None and not request.on_token(token):
+                    active[row], finish[row] = False, "stop"
+                elif len(tokens[row]) >= request.max_new_tokens:
                     active[row] = False
             if not any(active):
                 break
@@ -143,11 +148,15 @@ class Batcher:
                 await self._task
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def check_room(self, rows: int) -> None:
+        """Raise Busy when `rows` more would overfill the queue (a stream asks before its response starts)."""
+        if self.max_waiting is not None and self.waiting + rows > self.max_waiting:
+            raise Busy(f"the generation queue is full ({self.waiting} of max_generate_queue={self.max_waiting} rows)")
+
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         """Queue the requests (they may land in different batches) and wait for all of them."""
         assert self._queue is not None, "Batcher.start() was not awaited"
-        if self.max_waiting is not None and self.waiting + len(requests) > self.max_waiting:
-            raise Busy(f"the generation queue is full ({self.waiting} of max_generate_queue={self.max_waiting} rows)")
+        self.check_room(len(requests))
         loop = asyncio.get_running_loop()
         pending = [_Pending(r, loop.create_future()) for r in requests]
         self.waiting += len(pending)

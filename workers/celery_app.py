@@ -2,7 +2,7 @@
 
 Nothing reads the environment at import: `add_defaults` takes a callable that runs on first use.
 A worker writes a heartbeat key while it lives, so readiness never depends on a busy solo pool
-answering a broadcast ping.
+answering a broadcast ping; on each beat it also requeues the steps whose worker died (see `workers.reaper`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,24 @@ import threading
 import time
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, chain, signals
 
+from workers.jobs import JobRecord
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 TASK_NAMES = {"generate": "eigenshift.generate", "extract": "eigenshift.extract",
               "reconstruct": "eigenshift.reconstruct", "evaluate": "eigenshift.evaluate"}
+
+
+def enqueue_steps(celery: Celery, record: JobRecord, queue: str) -> None:
+    """Queue the job's steps that are not done yet, as one chain (each task skips what it finds done)."""
+    signatures = [celery.signature(TASK_NAMES[step], args=(record.id,), immutable=True, queue=queue)
+                  for step in record.steps if step not in record.steps_done]
+    if len(signatures) > 1:
+        chain(*signatures).apply_async(retry=False)
+    elif signatures:
+        signatures[0].apply_async(retry=False)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -42,7 +53,7 @@ def _worker_name() -> str:
 def start_heartbeat(**_: Any) -> None:
     """Beat every `heartbeat_s` from a daemon thread (the solo pool's thread is busy with tasks)."""
     from workers.jobs import JobStore, connect
-    from workers.reaper import reap_expired
+    from workers.reaper import reap_expired, requeue_lost
     from workers.store import open_store
 
     settings = get_settings()
@@ -54,6 +65,8 @@ def start_heartbeat(**_: Any) -> None:
         while not _stop.is_set():
             try:
                 jobs.beat(_worker_name(), ttl_s=settings.heartbeat_s * 3)
+                requeue_lost(jobs, lambda record: enqueue_steps(app, record, settings.queue),
+                             max_attempts=settings.max_attempts)
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + settings.reap_interval_s
                     reap_expired(jobs, store, retention_s=settings.job_retention_s)

@@ -23,6 +23,20 @@ from workers.settings import Settings
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
 IDEMPOTENCY_TTL_S = 24 * 3600
+# KEYS[1] the lease; ARGV holder, ttl ms. Only the holder extends or drops its lease.
+RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# KEYS[1] the lease, KEYS[2] the in-flight set; ARGV job id. Only a job nobody holds leaves the set.
+FORGET_UNLEASED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
 
 
 class JobNotFound(LookupError):
@@ -52,6 +66,17 @@ class JobError(BaseModel):
     message: str
 
 
+class WebhookDelivery(BaseModel):
+    """One attempt to POST a finished job's record to its callback_url; attempts of one delivery share `id`."""
+
+    id: str
+    attempt: int
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    ok: bool = False
+
+
 class JobRecord(BaseModel):
     """What Redis holds about one job."""
 
@@ -69,6 +94,8 @@ class JobRecord(BaseModel):
     intervention_id: str | None = None
     artifacts: list[str] = Field(default_factory=list)
     cancel_requested: bool = False
+    worker_losses: int = Field(0, description="times a worker died mid-step; each loss requeues the step once")
+    deliveries: list[WebhookDelivery] = Field(default_factory=list)
 
 
 def now() -> datetime:
@@ -167,6 +194,45 @@ class JobStore:
         for record in self.list(limit=10**9)[0]:
             counts[record.state] += 1
         return counts
+
+    # -- step leases: who runs a step now ---------------------------------------------------------------
+    # A task holds `lease:<job>` (PX, renewed while it runs) for the step in flight, and the job sits in the
+    # `running` set meanwhile. A job in that set whose lease has expired lost its worker.
+
+    def _lease(self, job_id: str) -> str:
+        return f"{self.prefix}:lease:{job_id}"
+
+    @property
+    def _running(self) -> str:
+        return f"{self.prefix}:running"
+
+    def claim(self, job_id: str, holder: str, ttl_s: float) -> bool:
+        """Take the job's lease unless another task holds it; on success the job counts as in flight."""
+        if not self.redis.set(self._lease(job_id), holder, nx=True, px=int(ttl_s * 1000)):
+            return False
+        self.redis.sadd(self._running, job_id)
+        return True
+
+    def renew(self, job_id: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease if `holder` still holds it."""
+        return bool(self.redis.eval(RENEW_LEASE, 1, self._lease(job_id), holder, int(ttl_s * 1000)))
+
+    def release(self, job_id: str, holder: str) -> None:
+        """The step is over (whatever its outcome): drop the lease if still ours, and the in-flight mark."""
+        self.redis.eval(RELEASE_LEASE, 1, self._lease(job_id), holder)
+        self.redis.srem(self._running, job_id)
+
+    def in_flight_without_lease(self) -> builtins.list[str]:
+        """Jobs marked in flight whose lease expired: their worker died or hung past the lease."""
+        ids: builtins.list[str] = sorted(self.redis.smembers(self._running))  # type: ignore[arg-type]
+        if not ids:
+            return []
+        held = self.redis.mget([self._lease(i) for i in ids])
+        return [job_id for job_id, holder in zip(ids, held, strict=True) if holder is None]
+
+    def forget_in_flight(self, job_id: str) -> None:
+        """Drop the in-flight mark of a job whose lease is gone (kept if a new task claimed it meanwhile)."""
+        self.redis.eval(FORGET_UNLEASED, 2, self._lease(job_id), self._running, job_id)
 
     # -- worker liveness -------------------------------------------------------------------------------
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
-from collections.abc import Callable
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from workers.models import ModelGrant, grant_model
 from workers.settings import Settings, get_settings
 from workers.specs import SPECS, JobSpec
 from workers.store import ArtifactStore, open_store, put_dir
+from workers.webhooks import queue_notification
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +109,51 @@ def services(settings: Settings) -> tuple[JobStore, ArtifactStore, InterventionR
     return JobStore(client, settings.key_prefix), store, InterventionRegistry(client, store, settings.key_prefix)
 
 
+RUNNING_ELSEWHERE = "skipped: running elsewhere"
+
+
 def run_step(job_id: str, step: str, function: StepFunction, settings: Settings | None = None) -> str:
-    """Run `step` of `job_id` unless the job is over or the step is done; returns what happened."""
+    """Run `step` of `job_id` unless the job is over, the step is done or another task holds the job's lease;
+    returns what happened. The lease is renewed while the step runs, so a dead worker's job can be found."""
     settings = settings or get_settings()
     jobs, store, interventions = services(settings)
+    holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if not jobs.claim(job_id, holder, settings.lease_s):
+        return RUNNING_ELSEWHERE
+    with step_lease(jobs, job_id, holder, ttl_s=settings.lease_s, every_s=min(settings.heartbeat_s, settings.lease_s / 3)):
+        return _run_claimed(job_id, step, function, settings, jobs, store, interventions)
+
+
+@contextmanager
+def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_s: float) -> Iterator[None]:
+    """Renew the job's lease from a daemon thread while the block runs; always released on the way out."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(every_s):
+            try:
+                jobs.renew(job_id, holder, ttl_s)
+            except Exception:  # Redis away for a moment: the next beat tries again
+                log.warning("could not renew the lease of job %s", job_id, exc_info=True)
+
+    thread = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            jobs.release(job_id, holder)
+        except Exception:  # the lease expires on its own; the reaper then finds a finished job and drops it
+            log.warning("could not release the lease of job %s", job_id, exc_info=True)
+
+
+def _run_claimed(job_id: str, step: str, function: StepFunction, settings: Settings, jobs: JobStore,
+                 store: ArtifactStore, interventions: InterventionRegistry) -> str:
     record = jobs.get(job_id)
     if record.state in TERMINAL:
+        queue_notification(jobs, job_id)  # a job cancelled while queued ends here (once per job)
         return f"skipped: job {record.state}"
     if step in record.steps_done:
         return "skipped: step done"
@@ -153,13 +198,15 @@ def run_step(job_id: str, step: str, function: StepFunction, settings: Settings 
         return "failed"
 
     def done(r: JobRecord) -> None:
-        r.steps_done.append(step)
+        if step not in r.steps_done:  # a zombie task that outlived its lease may finish the same step late
+            r.steps_done.append(step)
         r.artifacts = sorted(set(r.artifacts) | set(names))
         r.intervention_id = result.intervention_id or r.intervention_id
         if all(s in r.steps_done for s in r.steps):
             r.state, r.finished_at = "succeeded", now()
 
     jobs.update(job_id, done)
+    queue_notification(jobs, job_id)  # the job's webhook, when that was its last step
     shutil.rmtree(base, ignore_errors=True)
     return "done"
 
@@ -180,3 +227,4 @@ def _finish(jobs: JobStore, job_id: str, state: str, names: list[str] | None = N
         r.artifacts = sorted(set(r.artifacts) | set(names or []))
 
     jobs.update(job_id, change)
+    queue_notification(jobs, job_id)

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     key_prefix: str = "eigenshift"
     job_timeout_s: int = Field(6 * 3600, ge=60, description="longest job; the broker's visibility timeout is above it")
     heartbeat_s: float = Field(5.0, gt=0)
+    lease_s: float = Field(30.0, gt=0, description="a running step renews its lease every heartbeat_s; "
+                                                   "a lease older than this means its worker is lost")
+    max_attempts: int = Field(3, ge=1, description="runs of a step whose worker keeps dying before the job fails")
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout: Redis trouble is a 503, never a hang")
     retry_after_s: int = 5
     job_retention_s: int = Field(7 * 86400, ge=60, description="finished jobs and their artifacts live this long")
@@ -110,6 +113,24 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(256, ge=1)
     request_timeout_s: float = Field(300.0, gt=0)
     max_generate_queue: int = Field(256, ge=1, description="rows waiting for the model; beyond it /generate is a 503")
+
+    # Moderation. POST /v1/moderations and /v1alpha1/comments:analyze; categories are OpenAI's that we map.
+    moderation_scorers: list[str] = Field(default_factory=lambda: ["profanity"],
+                                          description="scorers /v1/moderations may name as `model`, besides `scorer`")
+    moderation_threshold: float = Field(0.5, description="a category is flagged when its score is at least this")
+    moderation_thresholds: dict[Literal["harassment", "harassment/threatening", "hate", "sexual", "violence"], float] = (
+        Field(default_factory=dict, description="per-category thresholds, overriding moderation_threshold"))
+
+    # Webhooks. A job's callback_url must match an allowed host; an address that is not global (loopback,
+    # private, link-local, ...) passes only inside an allowed CIDR, at submit and again after DNS resolution.
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list, description="callback hosts: names, `*.suffix`, CIDRs or IPs, or `*` for any public "
+                                          "host; empty turns callbacks off")
+    webhook_secret: SecretStr | None = Field(None, description="signing key (default: generated in "
+                                                               "<data_dir>/webhook-secret)")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="deliveries tried per finished job")
+    webhook_backoff_s: float = Field(5.0, gt=0, description="wait before the second attempt; doubles after each")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="connect and read timeout of one attempt")
 
     @property
     def redis_address(self) -> str:

@@ -53,6 +53,8 @@ class JobSpec(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     temperature: float = Field(1.0, gt=0, le=10)
     batch_size: int = Field(32, ge=1, le=1024)
+    callback_url: str | None = Field(None, min_length=1, max_length=2048,
+                                     description="POSTed the signed job record when the job ends (an allowed host)")
 
 
 class ScoredSpec(JobSpec):

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
-from celery import Celery, chain
+from celery import Celery
 from kombu.exceptions import OperationalError
 
 from eigenshift_core.errors import InputError, unknown_name
 from eigenshift_core.prompts import PromptSet, load_prompts, parse_rows, require_disjoint
 from eigenshift_core.scoring import known_scorers
-from workers.celery_app import TASK_NAMES, create_celery
+from workers.celery_app import create_celery, enqueue_steps
 from workers.interventions import InterventionNotFound, InterventionRegistry
 from workers.jobs import TERMINAL, JobError, JobNotFound, JobRecord, JobStore, Unavailable, connect, now
 from workers.models import grant_model
@@ -31,6 +31,7 @@ from workers.specs import (
     steps_for,
 )
 from workers.store import ArtifactStore, check_key, open_store
+from workers.webhooks import check_callback
 
 
 class JobService:
@@ -59,13 +60,8 @@ class JobService:
         return record, created
 
     def _enqueue(self, record: JobRecord) -> None:
-        signatures = [self.celery.signature(TASK_NAMES[step], args=(record.id,), immutable=True,
-                                            queue=self.settings.queue) for step in record.steps]
         try:
-            if len(signatures) > 1:
-                chain(*signatures).apply_async(retry=False)
-            else:
-                signatures[0].apply_async(retry=False)
+            enqueue_steps(self.celery, record, self.settings.queue)
         except OperationalError as error:
             message = f"the broker refused the job: {error}"
 
@@ -108,6 +104,7 @@ class JobService:
     def check_spec(self, spec: JobSpec) -> None:
         """What needs settings or state: allowed model and scorer, sources, rows, referenced jobs."""
         grant_model(self.settings, spec.model)
+        check_callback(spec.callback_url, self.settings)
         scorer = getattr(spec, "scorer", None)
         if scorer is not None and scorer.partition(":")[0] not in known_scorers():
             raise unknown_name("scorer", scorer.partition(":")[0], known_scorers(), field="scorer")

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from workers import steps
+from celery import Task
+from celery.exceptions import Ignore
+
+from workers import steps, webhooks
 from workers.celery_app import app
-from workers.runner import run_step
+from workers.jobs import JobNotFound, JobStore, connect
+from workers.runner import RUNNING_ELSEWHERE, StepFunction
+from workers.runner import run_step as run_step_of_job
+from workers.settings import get_settings
+
+
+def run_step(job_id: str, step: str, function: StepFunction) -> str:
+    """The runner's outcome; a job whose step another task is running stops this chain here (`Ignore`), so
+    a duplicate delivery never starts the next step early."""
+    outcome = run_step_of_job(job_id, step, function)
+    if outcome == RUNNING_ELSEWHERE:
+        raise Ignore()
+    return outcome
 
 
 @app.task(name="eigenshift.generate")
@@ -29,3 +44,17 @@ def reconstruct(job_id: str) -> str:
 def evaluate(job_id: str) -> str:
     """Step 4 of job `job_id`: toxicity before and after on held-out prompts."""
     return run_step(job_id, "evaluate", steps.evaluate)
+
+
+@app.task(name=webhooks.NOTIFY_TASK, bind=True, max_retries=None)
+def notify(self: Task, job_id: str, delivery_id: str) -> str:
+    """POST finished job `job_id`'s signed record to its callback_url; retried with exponential backoff."""
+    settings = get_settings()
+    try:
+        attempt = webhooks.deliver(settings, JobStore(connect(settings), settings.key_prefix), job_id, delivery_id,
+                                   self.request.retries + 1)
+    except JobNotFound:  # deleted since (retention): nothing left to send
+        return "job gone"
+    if attempt.retry:
+        raise self.retry(countdown=webhooks.backoff_s(settings, attempt.delivery.attempt))
+    return "delivered" if attempt.delivery.ok else "given up"

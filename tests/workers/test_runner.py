@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.pipeline import Cancelled
 from workers.jobs import JobStore, connect
-from workers.runner import StepContext, StepResult, run_step
+from workers.runner import RUNNING_ELSEWHERE, StepContext, StepResult, run_step
 from workers.settings import Settings
 from workers.store import open_store
 
@@ -130,3 +131,21 @@ def test_artifact_store_failure_fails_the_job_and_keeps_earlier_artifacts(worker
     assert "No space left on device" in record.error.message
     assert record.artifacts == ["extract/states.safetensors"]
     assert store.read_bytes(f"jobs/{job_id}/extract/states.safetensors") == before
+
+
+def test_a_step_holds_its_lease_while_it_runs_and_a_duplicate_is_turned_away(worker_settings: Settings) -> None:
+    """The step outlives several lease periods; meanwhile a second delivery of the same job cannot start it."""
+    settings = worker_settings.model_copy(update={"lease_s": 0.3, "heartbeat_s": 0.05})
+    jobs = JobStore(connect(settings), settings.key_prefix)
+    job_id = _job(settings, ["extract"])
+    seen: list[str] = []
+
+    def slow(ctx: StepContext) -> StepResult:
+        time.sleep(1.0)  # > 3 leases: only renewal keeps it
+        seen.append(run_step(job_id, "extract", _writes("other.json")[0], settings))
+        assert jobs.in_flight_without_lease() == []
+        return StepResult()
+
+    assert run_step(job_id, "extract", slow, settings) == "done"
+    assert seen == [RUNNING_ELSEWHERE]
+    assert jobs.claim(job_id, "after", 1)  # released at the end
