@@ -13,7 +13,7 @@ from app.api.auth import requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import Problem
 from app.schemas import GenerateBatch, GenerateItem, Generation, GenerationsPublic
-from app.serving import GenerationRequest
+from app.serving import GenerationRequest, ModelServer
 from eigenshift_core.errors import InputError
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.scoring import load_scorer
@@ -35,7 +35,7 @@ async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDe
     chosen = [await run_in_threadpool(_intervention_id, item, settings.model, service) for item in items]
     resolved: dict[str, Intervention] = {}
     for intervention_id in {i for i in chosen if i is not None}:
-        resolved[intervention_id] = await run_in_threadpool(_load, server, intervention_id)
+        resolved[intervention_id] = await run_in_threadpool(load_intervention, server, intervention_id)
     seeds = [item.seed if item.seed is not None else random.randrange(2**31) for item in items]
     requests = [GenerationRequest(item.prompt, item.max_new_tokens, item.temperature, item.top_p, seed,
                                   resolved[i] if i else None) for item, i, seed in zip(items, chosen, seeds, strict=True)]
@@ -64,7 +64,8 @@ def _intervention_id(item: GenerateItem, model: str, service: ServiceDep) -> str
     return chosen
 
 
-def _load(server: ServerDep, intervention_id: str) -> Intervention:
+def load_intervention(server: ModelServer, intervention_id: str) -> Intervention:
+    """The server's copy of an intervention; an unknown id is a 422 naming `intervention`."""
     try:
         return server.intervention(intervention_id)
     except InterventionNotFound:

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from app.api.auth import requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import Problem
+from app.api.routes.generate import load_intervention
 from app.metrics import Metrics
 from app.openai_schemas import (
     Applied,
@@ -55,7 +56,6 @@ from app.openai_schemas import (
 )
 from app.serving import Batcher, Busy, GenerationOutput, GenerationRequest, ModelServer
 from eigenshift_core.errors import InputError
-from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import Tokenizer
 from workers.interventions import InterventionNotFound
 from workers.jobs import TooLarge
@@ -254,13 +254,6 @@ def _intervention_id(body: CompletionParams, served: str, service: JobService) -
     return chosen
 
 
-def _load(server: ModelServer, intervention_id: str) -> Intervention:
-    try:
-        return server.intervention(intervention_id)
-    except InterventionNotFound:
-        raise InputError(f"no intervention {intervention_id!r}", field="intervention") from None
-
-
 def _check_prompt_chars(chars: int, settings: Settings) -> None:
     if chars > settings.max_prompt_chars:
         raise TooLarge(f"a prompt is longer than max_prompt_chars={settings.max_prompt_chars} characters")
@@ -293,7 +286,7 @@ async def _plan(kind: str, prompts: list[str], body: CompletionParams, max_token
         raise TooLarge(f"{rows} choices ({len(prompts)} prompts, n={body.n}) in one request; "
                        f"max_generate_batch={settings.max_generate_batch}")
     intervention_id = await run_in_threadpool(_intervention_id, body, settings.model, service)
-    intervention = await run_in_threadpool(_load, server, intervention_id) if intervention_id else None
+    intervention = await run_in_threadpool(load_intervention, server, intervention_id) if intervention_id else None
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     tokenizer = server.lm.tokenizer
     rows_prompts = [prompt for prompt in prompts for _ in range(body.n)]
