@@ -16,7 +16,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -145,3 +146,28 @@ def rtp_prompts(count: int, path: Path = RTP_CSV) -> list[str]:
     if len(prompts) < count:
         raise SystemExit(f"{path} holds {len(prompts)} prompts, {count} needed")
     return prompts
+
+
+@contextmanager
+def served(app: Any, name: str = "bench-server") -> Iterator[str]:
+    """`app` on a real uvicorn at a free loopback port, in a thread; its base URL. Stopped on the way out."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise SystemExit("the server did not start")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

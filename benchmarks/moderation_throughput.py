@@ -11,26 +11,18 @@ single ones (`batch_equals_single`). The served model `embedded` loads at start-
 
 from __future__ import annotations
 
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks._common import emit, log, median, parse_args, rtp_prompts
+from benchmarks._common import emit, log, median, parse_args, rtp_prompts, served
 
 NAME = "moderation_throughput"
 TARGET = ">=5"
 BATCH = 32
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def moderate(client: httpx.Client, texts: list[str], batch: int) -> tuple[list[dict[str, Any]], float]:
@@ -45,8 +37,6 @@ def moderate(client: httpx.Client, texts: list[str], batch: int) -> tuple[list[d
 
 
 def run(quick: bool) -> dict[str, Any]:
-    import uvicorn
-
     from app.main import create_app
     from workers.redis_server import start_redis_server
     from workers.settings import Settings
@@ -54,37 +44,28 @@ def run(quick: bool) -> dict[str, Any]:
     texts_per_round, rounds = (128, 3) if quick else (512, 5)
     tmp = Path(tempfile.mkdtemp(prefix="eigenshift-moderation-"))
     process, url = start_redis_server(tmp / "redis", append_only=False)
-    port = free_port()
     settings = Settings(redis_url=url, data_dir=tmp / "data", device="cpu", torch_threads=1, max_generate_batch=BATCH,
                         rate_limit_per_s=1e6, rate_limit_burst=10**6)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="moderation-server", daemon=True)
-    thread.start()
     try:
-        while not server.started:
-            if not thread.is_alive():
-                raise SystemExit("the server did not start")
-            time.sleep(0.1)
-        texts = rtp_prompts(texts_per_round)
-        auth = {"Authorization": f"Bearer {settings.api_key_path.read_text().strip()}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth, timeout=120) as client:
-            moderate(client, texts[:64], BATCH)  # warm-up: loads the scorer, opens the connection
-            moderate(client, texts[:64], 1)
-            batched: list[float] = []
-            single: list[float] = []
-            same = True
-            for number in range(rounds):
-                batch_results, batch_rate = moderate(client, texts, BATCH)
-                single_results, single_rate = moderate(client, texts, 1)
-                same = same and batch_results == single_results
-                batched.append(batch_rate)
-                single.append(single_rate)
-                log(f"round {number}: batched {batch_rate:.0f} texts/s, single {single_rate:.0f} texts/s")
-        return {"batched_texts_per_s": batched, "single_texts_per_s": single, "batch_equals_single": same,
-                "texts_per_round": texts_per_round, "rounds": rounds}
+        with served(create_app(settings), "moderation-server") as base_url:
+            texts = rtp_prompts(texts_per_round)
+            auth = {"Authorization": f"Bearer {settings.api_key_path.read_text().strip()}"}
+            with httpx.Client(base_url=base_url, headers=auth, timeout=120) as client:
+                moderate(client, texts[:64], BATCH)  # warm-up: loads the scorer, opens the connection
+                moderate(client, texts[:64], 1)
+                batched: list[float] = []
+                single: list[float] = []
+                same = True
+                for number in range(rounds):
+                    batch_results, batch_rate = moderate(client, texts, BATCH)
+                    single_results, single_rate = moderate(client, texts, 1)
+                    same = same and batch_results == single_results
+                    batched.append(batch_rate)
+                    single.append(single_rate)
+                    log(f"round {number}: batched {batch_rate:.0f} texts/s, single {single_rate:.0f} texts/s")
+            return {"batched_texts_per_s": batched, "single_texts_per_s": single, "batch_equals_single": same,
+                    "texts_per_round": texts_per_round, "rounds": rounds}
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         process.terminate()
         process.wait(timeout=30)
 

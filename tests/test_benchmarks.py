@@ -50,3 +50,41 @@ def test_artifact_quick_sizes_follow_the_format() -> None:
     for case in cases.values():
         assert case["artifact_bytes"] == sum(case["files"].values())
         assert case["artifact_bytes"] > case["k"] * case["shape"][1] * 4  # at least the directions
+
+
+@pytest.mark.timeout(600)
+def test_load_quick_answers_every_request_and_runs_every_job() -> None:
+    record = run_benchmark("load")
+    m = record["measurements"]
+    assert set(m["by_status"]) <= {"200", "429", "503"} and m["lost"] == 0 and m["errors"] == {}
+    assert sum(m["by_status"].values()) == m["requests"] > 0
+    assert m["jobs"]["submitted"] == m["jobs"]["succeeded"] == 3
+    assert m["shutdown"]["left_running"] == []
+    assert record["passed"] is True
+
+
+@pytest.mark.timeout(600)
+def test_faults_quick_loses_no_job() -> None:
+    record = run_benchmark("faults")
+    m = record["measurements"]
+    assert m["scenarios"] == m["scenarios_passed"] >= 2 and m["jobs_lost"] == 0
+    for scenario in m["by_scenario"].values():
+        jobs = scenario["jobs"]
+        assert jobs["submitted"] == jobs["succeeded"] + jobs["failed"] + jobs["cancelled"] + jobs["lost"]
+        assert jobs["failed"] == sum(jobs["failed_reasons"].values())
+    assert record["passed"] is True
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_quick_covers_every_operation_without_a_server_error() -> None:
+    record = run_benchmark("fuzz")
+    m = record["measurements"]
+    assert m["operations_covered"] == m["operations"] == len(m["by_operation"]) > 0
+    assert m["cases"] == sum(op["cases"] for op in m["by_operation"].values())
+    assert m["server_errors"] == 0 and record["passed"] is True
+
+
+def test_moderation_throughput_quick_batches_give_the_same_answers() -> None:
+    record = run_benchmark("moderation_throughput")
+    assert record["batch_equals_single"] is True
+    assert record["settings"]["batch"] == 32 and len(record["measurements"]["batched_texts_per_s"]) == 3
