@@ -31,10 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from benchmarks._common import REPO_ROOT, emit, log, parse_args
-from benchmarks.load import free_port
 
 NAME = "faults"
 TARGET = "<=0"
@@ -120,25 +117,11 @@ def provide_tmp_path(directory: Path, _module: Any) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def provide_s3_endpoint(_directory: Path, _module: Any) -> Iterator[str]:
-    """moto's standalone S3 server on a loopback port, as tests/workers/test_store.py starts it."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.HTTPError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
+    """moto's standalone S3 server on a loopback port, as the store tests start it."""
+    from tests.workers.test_store import moto_server
+
+    with moto_server() as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @contextlib.contextmanager
