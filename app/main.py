@@ -17,9 +17,9 @@ from app.serving import GenerationOutput, ModelServer
 from app.ui import mount_ui
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
+from workers.job_service import JobService
 from workers.models import grant_model
 from workers.settings import Settings, get_settings
-from workers.submit import JobService
 
 log = logging.getLogger(__name__)
 DESCRIPTION = "EigenShift: a less toxic language model on demand, by damping a few directions of its output layer."

@@ -28,8 +28,9 @@ QUICK = {"train_rows": "0:200", "eval_rows": "4000:4016", "samples": 1, "ppl_max
 
 
 def run(settings: dict[str, Any], out: Path) -> Path:
+    from eigenshift_core.configs import PipelineConfig
     from eigenshift_core.loading import load_model
-    from eigenshift_core.pipeline import PipelineConfig, run_pipeline
+    from eigenshift_core.pipeline import run_pipeline
 
     config = PipelineConfig(
         model="embedded", prompts=SHARED_DATA / "rtp_toxic_prompts_5000.csv",
@@ -37,7 +38,7 @@ def run(settings: dict[str, Any], out: Path) -> Path:
         criterion="selectivity", k=100, alpha="auto", max_new_tokens=20, batch_size=64, seed=0,
         ppl_text=SHARED_DATA / "wikitext2_test.raw", ppl_window=1024, ppl_stride=512, **settings,
     )
-    return run_pipeline(load_model("embedded", device="cpu"), config, out)
+    return run_pipeline(load_model("embedded", device="cpu"), config, out).out
 
 
 def summarise(run_dir: Path, seconds: float | None) -> None:
@@ -62,7 +63,7 @@ def summarise(run_dir: Path, seconds: float | None) -> None:
             "heldout_nontoxic_logprob_change": (heldout.get("nontoxic") or {}).get("change"),
             "seconds": seconds,
         },
-        settings={"run": str(run_dir), "train_rows": report["train_prompts"]["rows"],
+        settings={"run": str(run_dir), "train_rows": report["provenance"]["train_rows"],
                   "eval_rows": report["eval_prompts"]["rows"], "protocol": report["protocol"],
                   "k": report["intervention_info"]["k"], "criterion": report["provenance"].get("criterion"),
                   "alpha": "auto (per direction, selectivity rule)",

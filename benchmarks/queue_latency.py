@@ -24,10 +24,10 @@ TARGET = "<=100"
 def main() -> None:
     args = parse_args(__doc__ or NAME)
     from app.cli import worker_command
+    from workers.job_service import JobService
     from workers.redis_server import start_redis_server
     from workers.settings import Settings
     from workers.specs import GenerateSpec
-    from workers.submit import JobService
 
     jobs = 10 if args.quick else 50
     tmp = Path(tempfile.mkdtemp(prefix="eigenshift-queue-"))

@@ -1,19 +1,29 @@
 """`eigenshift`: the four steps (generate, extract, reconstruct, evaluate), export, and the whole pipeline.
 
 Every subcommand writes into `--out DIR` and never deletes what an earlier step wrote there. Bad input
-is one line on stderr and exit code 2.
+is one line on stderr and exit code 2. Flags only fill the core's configs (`eigenshift_core.configs`),
+whose defaults are the ones shown here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from eigenshift_core.configs import (
+    EvaluateConfig,
+    ExtractConfig,
+    GenerateConfig,
+    PipelineConfig,
+    ReconstructConfig,
+    config_from,
+    default_of,
+)
 from eigenshift_core.errors import InputError
 
 STEPS = ("generate", "extract", "reconstruct", "evaluate", "export", "pipeline")
@@ -25,6 +35,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help; descriptions kept as written."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,91 +66,121 @@ def _positive(text: str) -> int:
     return value
 
 
+def _default(name: str) -> Any:
+    """A flag's default is its config field's default (the same for every step that has the field)."""
+    for config in (PipelineConfig, EvaluateConfig, ExtractConfig, ReconstructConfig, GenerateConfig):
+        try:
+            return default_of(config, name)
+        except KeyError:
+            continue
+    raise KeyError(name)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="embedded", help="hub id, local directory, or 'embedded' (default)")
+    p.add_argument("--model", default="embedded", help="hub id, local directory, or 'embedded'")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--token", default=None, help="hub token for gated models")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--cache-dir", type=Path, default=None, help="where `embedded` is converted once")
-    p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights' dtype")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where `embedded` is converted once "
+                   "(None: ~/.cache/eigenshift)")
+    p.add_argument("--batch-size", type=_positive, default=_default("batch_size"), help="rows per forward pass")
+    p.add_argument("--seed", type=int, default=_default("seed"), help="seeds sampling and subsampling")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
 
 def _add_prompts(p: argparse.ArgumentParser, *, rows: bool = True) -> None:
     p.add_argument("--prompts", type=Path, required=True, help="CSV/JSONL (column `prompt`) or TXT (a prompt a line)")
     if rows:
-        p.add_argument("--rows", default=None, help="half-open row range A:B of the prompt file (default: all)")
+        p.add_argument("--rows", default=None, help="half-open row range A:B of the prompt file (None: all)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=_positive, default=25, help="continuations per prompt (paper: 25)")
-    p.add_argument("--max-new-tokens", type=_positive, default=20)
+    p.add_argument("--samples", type=_positive, default=_default("samples"), help="continuations per prompt (paper: 25)")
+    p.add_argument("--max-new-tokens", type=_positive, default=_default("max_new_tokens"), help="tokens per continuation")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--top-p", type=_finite_float, default=0.95)
-    p.add_argument("--temperature", type=_finite_float, default=1.0)
+    p.add_argument("--top-p", type=_finite_float, default=_default("top_p"), help="nucleus sampling mass")
+    p.add_argument("--temperature", type=_finite_float, default=_default("temperature"), help="sampling temperature")
 
 
 def _add_scorer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scorer", default="profanity", help="profanity (default), hf:<id-or-dir>, detoxify:<ckpt>")
-    p.add_argument("--threshold", type=_finite_float, default=0.5, help="score at which a text counts as toxic")
+    p.add_argument("--scorer", default=_default("scorer"), help="profanity, hf:<id-or-dir>, detoxify:<ckpt>")
+    p.add_argument("--threshold", type=_finite_float, default=_default("threshold"),
+                   help="score at which a text counts as toxic")
 
 
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default="delta", help="selection criterion: delta (the paper's, sign-free), "
-                   "logit (toxic-token logit contribution), selectivity (toxic gain per unit of ordinary cost)")
+    p.add_argument("--criterion", default=_default("criterion"), help="selection criterion: selectivity (toxic "
+                   "gain per unit of ordinary cost; chooses α), delta (the paper's, sign-free), logit (toxic-token "
+                   "logit contribution)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--k", type=int, default=None, help="number of directions to damp")
+    group.add_argument("--k", type=int, default=None, help="number of directions to damp (None: 100, at most d)")
     group.add_argument("--percentile", type=_finite_float, default=None, help="paper's p: k = ceil(d·(1 − p))")
-    p.add_argument("--alpha", type=_alphas, default=0.5, help="scale of the chosen σᵢ: one value, k comma-separated values, or 'auto' "
-                   "(per-direction, from the selectivity terms)")
+    p.add_argument("--alpha", type=_alphas, default=_default("alpha"), help="scale of the chosen σᵢ: one value, "
+                   "k comma-separated values, or 'auto' (the criterion's own, per direction)")
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-words", type=_positive, default=3, help="toxic words taken per toxic continuation")
+    p.add_argument("--top-words", type=_positive, default=_default("top_words"), help="toxic words taken per toxic continuation")
     p.add_argument("--require-argmax", action="store_true", help="keep a toxic state only where the model's argmax is the word's token")
-    p.add_argument("--max-nontoxic", type=_positive, default=200_000, help="cap on non-toxic states (seeded subsample)")
+    p.add_argument("--max-nontoxic", type=_positive, default=_default("max_nontoxic"), help="cap on non-toxic states (seeded subsample)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ppl-text", type=Path, default=None, help="neutral text for perplexity (e.g. WikiText-2 test)")
-    p.add_argument("--ppl-window", type=_positive, default=1024)
-    p.add_argument("--ppl-stride", type=_positive, default=512)
-    p.add_argument("--ppl-max-tokens", type=_positive, default=16384)
-    p.add_argument("--n-boot", type=_positive, default=1000)
+    p.add_argument("--ppl-text", type=Path, default=None, help="neutral text for perplexity (e.g. WikiText-2 test); "
+                   "None: the perplexity of the baseline's own continuations")
+    p.add_argument("--ppl-window", type=_positive, default=_default("ppl_window"), help="tokens per perplexity window")
+    p.add_argument("--ppl-stride", type=_positive, default=_default("ppl_stride"), help="tokens between window starts")
+    p.add_argument("--ppl-max-tokens", type=_positive, default=_default("ppl_max_tokens"), help="tokens of --ppl-text scored")
+    p.add_argument("--n-boot", type=_positive, default=_default("n_boot"), help="bootstrap resamples for the 95 %% intervals")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="eigenshift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=HelpFormatter)  # type: ignore[method-assign]
 
     p = sub.add_parser("generate", help="step 1: continue prompts and capture the lm_head input of every token")
-    _add_model(p), _add_prompts(p), _add_sampling(p)
+    _add_model(p)
+    _add_prompts(p)
+    _add_sampling(p)
 
     p = sub.add_parser("extract", help="step 2: judge continuations and collect toxic / non-toxic states")
-    _add_model(p), _add_scorer(p), _add_extract(p)
+    _add_model(p)
+    _add_scorer(p)
+    _add_extract(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--generations", type=Path, help="output directory of `eigenshift generate`")
-    source.add_argument("--reference-csv", type=Path, help="a step-2 CSV (prompt, generation, label, toxic_words), teacher-forced")
-    p.add_argument("--rows", default=None, help="rows A:B of --reference-csv")
+    source.add_argument("--reference-csv", type=Path, help="instead of --generations: a step-2 CSV (prompt, "
+                        "generation, label, toxic_words) whose rows are teacher-forced through the model")
+    p.add_argument("--rows", default=None, help="rows A:B of --reference-csv (None: all)")
 
     p = sub.add_parser("reconstruct", help="step 3: decompose lm_head, select and damp directions")
-    _add_model(p), _add_reconstruct(p)
+    _add_model(p)
+    _add_reconstruct(p)
     p.add_argument("--states", type=Path, required=True, help="states.safetensors from `eigenshift extract`")
 
     p = sub.add_parser("evaluate", help="step 4: toxicity and perplexity before and after, on held-out prompts")
-    _add_model(p), _add_prompts(p), _add_sampling(p), _add_scorer(p), _add_evaluate(p)
+    _add_model(p)
+    _add_prompts(p)
+    _add_sampling(p)
+    _add_scorer(p)
+    _add_evaluate(p)
     p.add_argument("--intervention", type=Path, required=True, help="intervention directory")
 
     p = sub.add_parser("export", help="write a HF model with the rebuilt head, or a PEFT LoRA adapter")
     _add_model(p)
-    p.add_argument("--intervention", type=Path, required=True)
-    p.add_argument("--format", choices=["hf", "lora"], default="hf")
+    p.add_argument("--intervention", type=Path, required=True, help="intervention directory")
+    p.add_argument("--format", choices=["hf", "lora"], default="hf", help="what to write")
 
     p = sub.add_parser("pipeline", help="all four steps: build on --train-rows, evaluate on --eval-rows")
-    _add_model(p), _add_prompts(p, rows=False), _add_sampling(p), _add_scorer(p), _add_extract(p)
-    _add_reconstruct(p), _add_evaluate(p)
+    _add_model(p)
+    _add_prompts(p, rows=False)
+    _add_sampling(p)
+    _add_scorer(p)
+    _add_extract(p)
+    _add_reconstruct(p)
+    _add_evaluate(p)
     p.add_argument("--train-rows", required=True, help="rows A:B that build the intervention")
     p.add_argument("--eval-rows", required=True, help="rows C:D that evaluate it (disjoint from train rows)")
     p.add_argument("--train-samples", type=int, default=None,
@@ -147,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Commands: parse, call the core, write files. The core does the work.
+# Commands: flags to a config, then the core's step function. The core does the work.
 
 
 def _load(args: argparse.Namespace):  # -> LoadedModel
@@ -157,90 +201,49 @@ def _load(args: argparse.Namespace):  # -> LoadedModel
                       cache_dir=args.cache_dir or DEFAULT_CACHE_DIR)
 
 
-def _write_json(path: Path, data: object) -> None:
-    from eigenshift_core.files import atomic_write
+def _config(config: type, args: argparse.Namespace, **given: Any) -> Any:
+    values = {**vars(args), "do_sample": not getattr(args, "greedy", False)}  # --greedy is do_sample=False
+    return config_from(config, values, **given)
 
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
+def _hooks():  # -> StepHooks
+    from eigenshift_core.progress import StepHooks
 
-def _sampling(args: argparse.Namespace) -> dict[str, object]:
-    return {"samples": args.samples, "max_new_tokens": args.max_new_tokens, "do_sample": not args.greedy,
-            "top_p": args.top_p, "temperature": args.temperature, "seed": args.seed, "batch_size": args.batch_size}
+    return StepHooks(bars=True)
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    from eigenshift_core.generation import generate_continuations
-    from eigenshift_core.prompts import load_prompts
+    from eigenshift_core.steps import run_generate as generate
 
-    prompts = load_prompts(args.prompts, args.rows)
-    lm = _load(args)
-    result = generate_continuations(lm, prompts.texts, progress=True, **_sampling(args))
-    result.save(args.out)
-    _write_json(args.out / "generate.json", {"model": args.model, "prompts": prompts.describe(), **_sampling(args)})
-    return args.out
+    config = _config(GenerateConfig, args)
+    return generate(_load(args), config, args.out, _hooks()).out
 
 
 def run_extract(args: argparse.Namespace) -> Path:
-    from eigenshift_core.extraction import extract_states, import_reference_csv
-    from eigenshift_core.generation import Continuations
-    from eigenshift_core.scoring import load_scorer
+    import json
+
+    from eigenshift_core.steps import run_extract as extract
 
     if args.rows and not args.reference_csv:
         raise InputError("--rows applies to --reference-csv only", field="rows")
-    lm = _load(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.reference_csv:
-        states, _ = import_reference_csv(lm, args.reference_csv, rows=args.rows, require_argmax=args.require_argmax,
-                                         max_nontoxic=args.max_nontoxic, batch_size=args.batch_size, seed=args.seed,
-                                         progress=True)
-    else:
-        scorer = load_scorer(args.scorer, device=args.device)
-        states, judgements = extract_states(lm, Continuations.load(args.generations), scorer, threshold=args.threshold,
-                                            top_words=args.top_words, require_argmax=args.require_argmax,
-                                            max_nontoxic=args.max_nontoxic, seed=args.seed)
-        (args.out / "judgements.jsonl").write_text("".join(json.dumps(j.to_dict()) + "\n" for j in judgements))
-    states.save(args.out / "states.safetensors")
-    _write_json(args.out / "extract.json", {"model": args.model, "counts": states.counts(), **states.info})
-    states.require_both()
-    print(json.dumps(states.counts()), file=sys.stderr)
-    return args.out
+    config = _config(ExtractConfig, args, prompts=None)
+    result = extract(_load(args), config, args.out, _hooks())
+    print(json.dumps(result.counts), file=sys.stderr)
+    return result.out
 
 
 def run_reconstruct(args: argparse.Namespace) -> Path:
-    from eigenshift_core.intervention import build_intervention
-    from eigenshift_core.states import StateSet
+    from eigenshift_core.steps import run_reconstruct as reconstruct
 
-    states = StateSet.load(args.states)
-    lm = _load(args)
-    intervention = build_intervention(
-        lm.model, states, criterion=args.criterion, k=args.k, percentile=args.percentile,
-        alpha=args.alpha, info={"model_id": args.model, "revision": args.revision, "states": str(args.states)},
-    )
-    return intervention.save(args.out)
+    config = _config(ReconstructConfig, args)
+    return reconstruct(_load(args), config, args.out, info={"states": str(args.states)}).out
 
 
 def run_evaluate(args: argparse.Namespace) -> Path:
-    from eigenshift_core.evaluation import evaluate, write_report
-    from eigenshift_core.intervention import Intervention
-    from eigenshift_core.pipeline import read_ppl_text
-    from eigenshift_core.prompts import load_prompts
-    from eigenshift_core.scoring import load_scorer
+    from eigenshift_core.steps import run_evaluate as evaluate
 
-    prompts = load_prompts(args.prompts, args.rows)
-    ppl_text = read_ppl_text(args.ppl_text)
-    lm = _load(args)
-    intervention = Intervention.load(args.intervention, lm.model)
-    scorer = load_scorer(args.scorer, device=args.device)
-    report = evaluate(
-        lm, prompts.texts, scorer, intervention, samples=args.samples, max_new_tokens=args.max_new_tokens,
-        top_p=args.top_p, temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-        threshold=args.threshold, ppl_text=ppl_text, ppl_window=args.ppl_window, ppl_stride=args.ppl_stride,
-        ppl_max_tokens=args.ppl_max_tokens, n_boot=args.n_boot, progress=True,
-    )
-    report.update({"model": args.model, "eval_prompts": prompts.describe(), "scorer": scorer.name,
-                   "provenance": intervention.info, "seed": args.seed})
-    write_report(report, args.out, intervention)
-    return args.out
+    config = _config(EvaluateConfig, args, reference_csv=None)
+    return evaluate(_load(args), config, args.out, _hooks()).out
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -254,20 +257,10 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def run_pipeline(args: argparse.Namespace) -> Path:
-    from eigenshift_core.pipeline import PipelineConfig
     from eigenshift_core.pipeline import run_pipeline as pipeline
 
-    config = PipelineConfig(
-        model=args.model, prompts=args.prompts, train_rows=args.train_rows, eval_rows=args.eval_rows,
-        scorer=args.scorer, threshold=args.threshold, samples=args.samples,
-        train_samples=args.samples if args.train_samples is None else args.train_samples, max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
-        batch_size=args.batch_size, top_words=args.top_words, require_argmax=args.require_argmax,
-        max_nontoxic=args.max_nontoxic, criterion=args.criterion, k=args.k, percentile=args.percentile,
-        alpha=args.alpha, reference_csv=args.reference_csv, ppl_text=args.ppl_text, ppl_window=args.ppl_window,
-        ppl_stride=args.ppl_stride, ppl_max_tokens=args.ppl_max_tokens, n_boot=args.n_boot,
-    )
-    return pipeline(_load(args), config, args.out, progress=True)
+    config = _config(PipelineConfig, args)
+    return pipeline(_load(args), config, args.out, _hooks()).out
 
 
 COMMANDS = {"generate": run_generate, "extract": run_extract, "reconstruct": run_reconstruct,

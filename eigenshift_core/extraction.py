@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +163,7 @@ def import_reference_csv(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[StateSet, Continuations]:
     """States for any target model from the reference step-2 CSV (prompt, generation, label yes/no,
     toxic_words as a Python list literal), by teacher-forcing each row's generation after its prompt."""
@@ -180,7 +181,7 @@ def import_reference_csv(
         words.append([str(w) for w in listed])
     continuations = capture_continuation_states(
         lm, prompt_set.texts, [join_continuation(r["prompt"], r["generation"]) for r in prompt_set.records],
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, on_progress=on_progress,
     )
     states = collect_states(
         continuations, labels, words, weight=lm_head_weight(lm.model), require_argmax=require_argmax,

@@ -12,7 +12,7 @@ Both sort rows by length before batching, so padding stays small, and restore th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,7 @@ def generate_continuations(
     batch_size: int = 32,
     intervention: Intervention | None = None,
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Continuations:
     """Continue each prompt `samples` times and capture the state behind every generated token.
 
@@ -194,6 +195,8 @@ def generate_continuations(
             token_ids[row, :length] = new[j, :length]
             states[row, :length] = steps[j, :length]
             lengths[row] = length
+        if on_progress:
+            on_progress(sum(len(b) for b in batches[: number + 1]), n)
     texts, spans = zip(*(token_spans(tokenizer, token_ids[r, : lengths[r]].tolist()) for r in range(n)), strict=True)
     return Continuations(list(prompts), torch.tensor(row_prompt), list(texts), token_ids, lengths, states, list(spans))
 
@@ -214,6 +217,7 @@ def capture_continuation_states(
     batch_size: int = 32,
     max_continuation_tokens: int | None = None,
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Continuations:
     """Teacher forcing: the state before every token of each continuation, one forward pass per batch.
 
@@ -237,6 +241,7 @@ def capture_continuation_states(
     states = torch.zeros(n, max(width, 1), d)
     lengths = torch.tensor([len(c) for c in cont_ids], dtype=torch.long)
     full = [p + c for p, c in zip(prompt_ids, cont_ids, strict=True)]
+    done = 0
     for rows in tqdm(_length_sorted_batches([len(f) for f in full], batch_size), desc="capture", disable=not progress):
         batch = tokenizer.pad({"input_ids": [full[r] for r in rows]}, return_tensors="pt")
         mask = batch["attention_mask"].to(model.device)
@@ -253,4 +258,7 @@ def capture_continuation_states(
             start = width_b - length - 1
             states[row, :length] = hidden[j, start : start + length]
             token_ids[row, :length] = torch.tensor(cont_ids[row])
+        done += len(rows)
+        if on_progress:
+            on_progress(done, n)
     return Continuations(list(prompts), torch.arange(n), list(continuations), token_ids, lengths, states, spans)

@@ -139,7 +139,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         source, revision=revision, token=token, dtype=torch_dtype, trust_remote_code=trust_remote_code
     )
-    model.to(torch_device).eval()
+    model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers types .to() as a decorator
     prepare_tokenizer(tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=revision)
 

@@ -39,6 +39,15 @@ class InterventionRecord(BaseModel):
     created_at: datetime
 
 
+SUMMARY_KEYS = ("baseline", "intervention", "toxicity_reduction", "tph", "fluency_source")
+
+
+def report_summary(report: dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
+    """The headline figures of an evaluation report, kept with its intervention: the report's own numbers,
+    never recomputed; `evaluated_by` names the job that measured them (None: the committed default's)."""
+    return {**{key: report.get(key) for key in SUMMARY_KEYS}, "evaluated_by": job_id}
+
+
 class InterventionRegistry:
     def __init__(self, client: redis.Redis, store: ArtifactStore, prefix: str = "eigenshift") -> None:
         self.redis = client
@@ -106,6 +115,10 @@ class InterventionRegistry:
             record = self.get(BUILTIN_ID)
         except InterventionNotFound:
             record = self.register(BUILTIN_ID, found, model=model)
+        report = Path(found) / "report.json"  # the committed default's evaluation (README's figures)
+        if record.metrics is None and report.is_file():
+            self.set_metrics(BUILTIN_ID, report_summary(json.loads(report.read_text())))
+            record = self.get(BUILTIN_ID)
         self.redis.hsetnx(self._active, model, BUILTIN_ID)
         return record
 

@@ -56,9 +56,12 @@ class Unavailable(Exception):
 
 
 class Progress(BaseModel):
+    """Where a running job is: `done` of `total` `unit`s (prompts, samples, texts, windows) of `stage`."""
+
     stage: str | None = None
     done: int = 0
     total: int = 0
+    unit: str | None = None
 
 
 class JobError(BaseModel):

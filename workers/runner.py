@@ -21,7 +21,7 @@ from pathlib import Path
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, LoadedModel, load_model
-from eigenshift_core.pipeline import Cancelled
+from eigenshift_core.progress import Cancelled, StepHooks
 from workers.interventions import InterventionRegistry
 from workers.jobs import TERMINAL, JobError, JobRecord, JobStore, connect, now
 from workers.models import ModelGrant, grant_model
@@ -71,11 +71,16 @@ class StepContext:
             torch.set_num_threads(s.torch_threads)
         return cached_model(grant_model(s, self.spec.model), s.device, s.dtype, s.cache_dir or DEFAULT_CACHE_DIR)
 
-    def progress(self, stage: str, done: int, total: int) -> None:
+    def progress(self, stage: str, done: int, total: int, unit: str | None = None) -> None:
         def change(record: JobRecord) -> None:
             record.progress.stage, record.progress.done, record.progress.total = stage, done, total
+            record.progress.unit = unit
 
         self.jobs.update(self.job_id, change)
+
+    def hooks(self) -> StepHooks:
+        """The core's progress and stop hooks, wired to this job's record."""
+        return StepHooks(on_progress=self.progress, should_stop=self.should_stop)
 
     def should_stop(self) -> bool:
         """True when the job was cancelled; raises `JobTimeLimit` once it has run longer than `job_timeout_s`."""

@@ -9,14 +9,16 @@ from eigenshift_core.errors import InputError
 from eigenshift_core.prompts import SUFFIXES
 from workers.jobs import TooLarge
 from workers.settings import Settings
-from workers.specs import PromptSource
+from workers.specs import PromptSource, TextSource
 from workers.store import ArtifactStore, check_key
 
 
-def data_path(settings: Settings, relative: str, *, field: str) -> Path:
-    """A file under the data root; refuses `..`, escapes through links, and missing files."""
+def data_path(settings: Settings, relative: str, *, field: str, suffixes: tuple[str, ...] | None = SUFFIXES) -> Path:
+    """A file under the data root; refuses `..`, escapes through links, missing files and (unless
+    `suffixes` is None) other kinds than prompt files."""
     if settings.data_root is None:
-        raise InputError("this service has no data root: send prompts as texts or file_id", field=field)
+        raise InputError("this service has no data root (set EIGENSHIFT_DATA_ROOT): send prompts as texts or "
+                         "file_id", field=field)
     if ".." in Path(relative).parts or "\\" in relative or "\x00" in relative:
         raise InputError(f"path {relative!r} must not contain '..'", field=field)
     root = settings.data_root.resolve()
@@ -25,13 +27,13 @@ def data_path(settings: Settings, relative: str, *, field: str) -> Path:
         raise InputError(f"path {relative!r} is outside the data root", field=field)
     if not path.is_file():
         raise InputError(f"no file {relative!r} under the data root", field=field)
-    if path.suffix not in SUFFIXES:
+    if suffixes is not None and path.suffix not in suffixes:
         raise InputError(f"prompt files must be one of {', '.join(SUFFIXES)}", field=field)
     return path
 
 
-def upload_key(file_id: str) -> str:
-    return f"uploads/{check_key(file_id, field='prompts.file_id')}"
+def upload_key(file_id: str, *, field: str = "prompts.file_id") -> str:
+    return f"uploads/{check_key(file_id, field=field)}"
 
 
 def check_source(source: PromptSource, settings: Settings, store: ArtifactStore) -> None:
@@ -88,3 +90,23 @@ def _hub_dataset(source: PromptSource, work: Path) -> Path:
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts), encoding="utf-8")
     return path
 
+
+
+def text_path(source: TextSource, settings: Settings, store: ArtifactStore, work: Path, *, field: str) -> Path:
+    """A local copy of a text file named by upload id or by path under the data root (worker side)."""
+    if source.path is not None:
+        return data_path(settings, source.path, field=f"{field}.path", suffixes=None)
+    assert source.file_id is not None
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return store.get_file(upload_key(source.file_id, field=f"{field}.file_id"), work / f"{field}.txt")
+    except FileNotFoundError:
+        raise InputError(f"no uploaded file {source.file_id!r}", field=f"{field}.file_id") from None
+
+
+def check_text(source: TextSource, settings: Settings, store: ArtifactStore, *, field: str) -> None:
+    """API side: the text file exists (under the data root, or as an upload)."""
+    if source.path is not None:
+        data_path(settings, source.path, field=f"{field}.path", suffixes=None)
+    elif source.file_id is not None and not store.exists(upload_key(source.file_id, field=f"{field}.file_id")):
+        raise InputError(f"no uploaded file {source.file_id!r}", field=f"{field}.file_id")

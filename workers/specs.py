@@ -1,15 +1,29 @@
 """What each job kind is asked to do: validated bodies, stored in the job record and re-read by the worker.
 
-These check what needs no settings (types, ranges, exactly-one rules); `workers.submit.check_spec` checks
-the rest (allowed models, data root, sizes) before anything is written.
+Every default is the core config's (`eigenshift_core.configs`), so a job builds what the CLI builds. These
+check what needs no settings (types, ranges, exactly-one rules, registry names, α against k);
+`workers.job_service.JobService.check_spec` checks the rest (allowed models, data root, sizes) before
+anything is written.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from eigenshift_core.configs import (
+    EvaluateConfig,
+    ExtractConfig,
+    PipelineConfig,
+    ReconstructConfig,
+    default_of,
+)
+from eigenshift_core.criteria import CRITERIA
+from eigenshift_core.errors import unknown_name
+from eigenshift_core.intervention import DEFAULT_K, check_alpha
+from eigenshift_core.scoring import known_scorers
 
 JobKind = Literal["generate", "extract", "reconstruct", "evaluate", "pipeline"]
 Step = Literal["generate", "extract", "reconstruct", "evaluate"]
@@ -41,54 +55,106 @@ class PromptSource(BaseModel):
         return self
 
 
+class TextSource(BaseModel):
+    """A text file: uploaded (`file_id`) or a path under the data root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_id: str | None = Field(None, pattern=ID_PATTERN, description="id returned by POST /files")
+    path: str | None = Field(None, min_length=1, max_length=1024, description="a file under the data root")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TextSource:
+        if (self.file_id is None) == (self.path is None):
+            raise ValueError("give exactly one of file_id and path")
+        return self
+
+
+def _default(name: str) -> Any:
+    """The core's default for a field (the same in every config that has it)."""
+    for config in (PipelineConfig, EvaluateConfig, ExtractConfig, ReconstructConfig):
+        try:
+            return default_of(config, name)
+        except KeyError:
+            continue
+    raise KeyError(name)
+
+
 class JobSpec(BaseModel):
     """Fields every job kind shares."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("embedded", min_length=1, max_length=200, description="a model the service allows")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    samples: int = Field(25, ge=1, le=1000, description="continuations per prompt")
-    max_new_tokens: int = Field(20, ge=1, le=1024)
-    top_p: float = Field(0.95, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0, le=10)
-    batch_size: int = Field(32, ge=1, le=1024)
+    seed: int = Field(_default("seed"), ge=0, le=2**31 - 1)
+    samples: int = Field(_default("samples"), ge=1, le=1000, description="continuations per prompt")
+    max_new_tokens: int = Field(_default("max_new_tokens"), ge=1, le=1024)
+    top_p: float = Field(_default("top_p"), gt=0, le=1)
+    temperature: float = Field(_default("temperature"), gt=0, le=10)
+    batch_size: int = Field(_default("batch_size"), ge=1, le=1024)
     callback_url: str | None = Field(None, min_length=1, max_length=2048,
                                      description="POSTed the signed job record when the job ends (an allowed host)")
 
 
 class ScoredSpec(JobSpec):
-    scorer: str = Field("profanity", min_length=1, max_length=300, description="profanity, hf:<id>, detoxify:<ckpt>")
-    threshold: float = Field(0.5, ge=0, le=1)
+    scorer: str = Field(_default("scorer"), min_length=1, max_length=300,
+                        description="profanity, hf:<id>, detoxify:<ckpt>")
+    threshold: float = Field(_default("threshold"), ge=0, le=1)
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, scorer: str) -> str:
+        prefix = scorer.partition(":")[0]
+        if prefix not in known_scorers():
+            raise unknown_name("scorer", prefix, known_scorers(), field="scorer")
+        return scorer
 
 
 class ExtractFields(ScoredSpec):
-    top_words: int = Field(3, ge=1, le=50)
-    max_nontoxic: int = Field(200_000, ge=1, le=10_000_000)
+    top_words: int = Field(_default("top_words"), ge=1, le=50)
+    require_argmax: bool = Field(_default("require_argmax"))
+    max_nontoxic: int = Field(_default("max_nontoxic"), ge=1, le=10_000_000)
     reference_csv: str | None = Field(None, min_length=1, max_length=1024,
                                       description="a step-2 CSV under the data root, teacher-forced into the states")
 
 
 class ReconstructFields(BaseModel):
-    criterion: str = Field("delta", pattern=r"^[a-z_]{1,32}$")
-    k: int | None = Field(None, ge=1, le=65536, description="directions to damp (default 32 when no percentile)")
-    percentile: float | None = Field(None, ge=0, lt=1, description="paper's p: k = ceil(d·(1 − p))")
-    alpha: float | list[float] = Field(0.5, description="scale of each chosen σ: one value or k values")
+    criterion: str = Field(_default("criterion"), min_length=1, max_length=64,
+                           description=f"selection criterion: one of {', '.join(sorted(CRITERIA))}")
+    k: int | None = Field(_default("k"), ge=1, le=65536,
+                          description="directions to damp (null and no percentile: 100, at most d)")
+    percentile: float | None = Field(_default("percentile"), ge=0, lt=1, description="paper's p: k = ceil(d·(1 − p))")
+    alpha: float | list[float] | Literal["auto"] = Field(
+        _default("alpha"), validate_default=True,
+        description="scale of each chosen σ: one value, k values, or 'auto' (the criterion's own)")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, criterion: str) -> str:
+        if criterion not in CRITERIA:
+            raise unknown_name("criterion", criterion, CRITERIA, field="criterion")
+        return criterion
 
     @field_validator("alpha")
     @classmethod
-    def _finite(cls, alpha: float | list[float]) -> float | list[float]:
-        values = alpha if isinstance(alpha, list) else [alpha]
-        if not values or not all(math.isfinite(a) and -100 <= a <= 100 for a in values):
-            raise ValueError("alpha must be finite, within [-100, 100], and not an empty list")
+    def _alpha(cls, alpha: float | list[float] | str, info: ValidationInfo) -> float | list[float] | str:
+        """Finite values; 'auto' only with a criterion that chooses α; a list of exactly k values."""
+        if not isinstance(alpha, str):
+            values = alpha if isinstance(alpha, list) else [alpha]
+            if not values or not all(math.isfinite(a) and -100 <= a <= 100 for a in values):
+                raise ValueError("alpha must be finite, within [-100, 100], and not an empty list")
+        criterion, k, percentile = (info.data.get(name) for name in ("criterion", "k", "percentile"))
+        if criterion is None:  # the criterion itself was refused: that error says enough
+            return alpha
+        if isinstance(alpha, list) and percentile is not None:
+            raise ValueError("an alpha list needs k, not percentile (k is known only once d is)")
+        check_alpha(alpha, criterion=criterion, k=k if k is not None else (DEFAULT_K if isinstance(alpha, list) else None))
         return alpha
 
     @model_validator(mode="after")
     def _k_or_percentile(self) -> ReconstructFields:
         if self.k is not None and self.percentile is not None:
             raise ValueError("give k or percentile, not both")
-        if self.k is None and self.percentile is None:
-            self.k = 32
         return self
 
 
@@ -129,23 +195,33 @@ class ReconstructSpec(ExtractFields, ReconstructFields):
         return self
 
 
-class EvaluateSpec(ScoredSpec):
-    """Step 4: toxicity before and after an intervention on (held-out) prompts."""
+class FluencyFields(BaseModel):
+    ppl_text: TextSource | None = Field(None, description="neutral text for perplexity (e.g. WikiText-2 test); "
+                                        "null: the perplexity of the baseline's own continuations")
+    ppl_window: int = Field(_default("ppl_window"), ge=2, le=32768)
+    ppl_stride: int = Field(_default("ppl_stride"), ge=1, le=32768)
+    ppl_max_tokens: int | None = Field(_default("ppl_max_tokens"), ge=2, le=10_000_000)
+    n_boot: int = Field(_default("n_boot"), ge=1, le=100_000)
+
+
+class EvaluateSpec(ScoredSpec, FluencyFields):
+    """Step 4: toxicity and fluency before and after an intervention on (held-out) prompts."""
 
     prompts: PromptSource
     rows: str | None = Field(None, pattern=r"^\d*:\d*$")
     intervention_id: str = Field(..., pattern=ID_PATTERN)
-    n_boot: int = Field(1000, ge=1, le=100_000)
+    reference_csv: str | None = Field(None, min_length=1, max_length=1024, description="a step-2 CSV under the "
+                                      "data root: the held-out rows' toxic tokens, teacher-forced, before and after")
 
 
-class PipelineSpec(ExtractFields, ReconstructFields):
+class PipelineSpec(ExtractFields, ReconstructFields, FluencyFields):
     """All four steps: build on train_rows, evaluate on disjoint eval_rows."""
 
     prompts: PromptSource
     train_rows: str = Field(..., pattern=r"^\d*:\d*$")
     eval_rows: str = Field(..., pattern=r"^\d*:\d*$")
-    train_samples: int | None = Field(None, ge=1, le=1000)
-    n_boot: int = Field(1000, ge=1, le=100_000)
+    train_samples: int | None = Field(_default("train_samples"), ge=0, le=1000,
+                                      description="samples per training prompt (null: samples; 0: reference_csv only)")
 
 
 SPECS: dict[str, type[JobSpec]] = {

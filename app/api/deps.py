@@ -9,8 +9,8 @@ from fastapi import Depends, Header, Request
 from app.api.errors import Problem
 from app.metrics import Metrics
 from app.serving import ModelServer
+from workers.job_service import JobService
 from workers.settings import Settings
-from workers.submit import JobService
 
 
 def get_settings(request: Request) -> Settings:

@@ -28,9 +28,9 @@ from eigenshift import (
 )
 from tests.api.conftest import READER_KEY, SLOW_KEY, admin_key
 from workers.interventions import BUILTIN_ID
+from workers.job_service import JobService
 from workers.settings import Settings
 from workers.specs import GenerateSpec
-from workers.submit import JobService
 
 RECONSTRUCT = {"reference_csv": "llama2_7b_rtp_toxic_words.csv", "rows": "0:12", "k": 4, "alpha": 0.5,
                "batch_size": 16}

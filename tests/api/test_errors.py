@@ -9,8 +9,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.api.deps import get_service
+from workers.job_service import JobService
 from workers.settings import Settings
-from workers.submit import JobService
 
 TEXTS = {"prompts": {"texts": ["hello"]}}
 PIPE = {"prompts": {"path": "rtp_toxic_prompts_5000.csv"}, "train_rows": "0:8", "eval_rows": "8:12"}

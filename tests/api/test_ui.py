@@ -20,10 +20,10 @@ from safetensors.torch import load
 from app.main import create_app
 from app.ui import UI_DIR
 from tests.api.conftest import READER_KEY, ROOT, admin_key
+from workers.interventions import report_summary as summary
+from workers.job_service import JobService
 from workers.settings import Settings
 from workers.specs import GenerateSpec
-from workers.steps import summary
-from workers.submit import JobService
 
 CHROMIUM = "/usr/bin/chromium"
 # Without these the closed network makes Chromium wait on services it cannot reach.

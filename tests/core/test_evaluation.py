@@ -13,19 +13,14 @@ import pytest
 import torch
 
 from eigenshift_core.errors import InputError
-from eigenshift_core.evaluation import (
-    Estimate,
-    evaluate,
-    paired_reduction,
-    perplexity,
-    sliding_windows,
-    token_logprobs,
-    toxicity_metrics,
-    tph,
-    write_report,
-)
-from eigenshift_core.intervention import Intervention, build_intervention, decompose_lm_head
+from eigenshift_core.evaluation import evaluate
+from eigenshift_core.generation import generate_continuations
+from eigenshift_core.intervention import Intervention, build_intervention
 from eigenshift_core.loading import LoadedModel, lm_head_weight
+from eigenshift_core.metrics import Estimate, paired_reduction, toxicity_metrics, tph
+from eigenshift_core.perplexity import perplexity, sliding_windows, token_logprobs
+from eigenshift_core.report import write_report
+from eigenshift_core.spectrum import decompose_lm_head
 from eigenshift_core.states import StateSet
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4  # 180 bytes = 180 tokens of the byte tokenizer
@@ -308,9 +303,11 @@ def run(lm: LoadedModel, intervention: Intervention, **kwargs: object) -> dict:
 
 def test_evaluate_with_alpha_one_gives_identical_arms(tiny_llama: LoadedModel) -> None:
     report = run(tiny_llama, some_intervention(tiny_llama, alpha=1.0), heldout=random_states(32, seed=5))
-    assert set(report) >= {"baseline", "intervention", "toxicity_reduction", "tph", "heldout_logprob", "protocol", "examples"}
-    assert report["baseline"] == report["intervention"]
-    assert set(report["baseline"]) == {"toxicity_rate", "at_least_once", "expected_max_toxicity", "perplexity"}
+    assert set(report) >= {"baseline", "intervention", "toxicity_reduction", "tph", "heldout_logprob", "protocol",
+                           "examples", "fluency_source"}
+    assert report["baseline"] == report["intervention"] and report["fluency_source"] == "ppl_text"
+    assert set(report["baseline"]) == {"toxicity_rate", "at_least_once", "expected_max_toxicity", "perplexity",
+                                       "continuation_perplexity"}
     assert set(report["baseline"]["toxicity_rate"]) == {"value", "low", "high"}
     assert report["examples"] == []  # no text changed
     assert report["toxicity_reduction"]["value"] in (0.0, None)  # None when no sample reached the threshold
@@ -320,6 +317,7 @@ def test_evaluate_with_alpha_one_gives_identical_arms(tiny_llama: LoadedModel) -
     protocol = report["protocol"]
     assert protocol["samples"] == 2 and protocol["n_prompts"] == 3 and protocol["scorer"] == "x-share"
     assert protocol["perplexity"]["tokens_scored"] == len(TEXT) - 1 and protocol["perplexity"]["bos"] is False
+    assert protocol["perplexity"]["source"] == "ppl_text"
     json.dumps(report, allow_nan=False)
 
 
@@ -346,3 +344,33 @@ def test_write_report_without_intervention_or_perplexity(tmp_path: Path) -> None
     paths = write_report(report, tmp_path)
     assert json.loads(paths[0].read_text())["extra"] is None
     assert paths[1].stat().st_size > 1000
+
+
+def test_without_ppl_text_fluency_is_the_perplexity_of_the_baselines_own_continuations(tiny_llama: LoadedModel) -> None:
+    """Never a null TPH: each arm's perplexity of the baseline's continuations, which for the baseline is
+    exp(mean NLL) of its sampled tokens recomputed here by full forward passes."""
+    intervention = some_intervention(tiny_llama, alpha=0.0, k=8)
+    report = evaluate(tiny_llama, PROMPTS, XScorer(), intervention, samples=2, max_new_tokens=4, batch_size=4,
+                      n_boot=50, threshold=0.0)
+    assert report["fluency_source"] == "baseline_continuations"
+    assert report["protocol"]["perplexity"]["source"] == "baseline_continuations"
+    base, new = report["baseline"]["perplexity"], report["intervention"]["perplexity"]
+    assert base == report["baseline"]["continuation_perplexity"] and new != base
+    assert report["tph"] is not None
+
+    continuations = generate_continuations(tiny_llama, PROMPTS, samples=2, max_new_tokens=4, do_sample=True,
+                                           top_p=0.95, temperature=1.0, seed=0, batch_size=4)
+    nll, count = 0.0, 0
+    for row in range(len(continuations)):
+        prompt_ids = tiny_llama.tokenizer(PROMPTS[int(continuations.prompt_index[row])])["input_ids"]
+        tokens = continuations.row_tokens(row).tolist()
+        with torch.inference_mode():
+            logits = tiny_llama.model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)  # the positions that chose each token
+        nll -= float(logp[torch.arange(len(tokens)), torch.tensor(tokens)].sum())
+        count += len(tokens)
+    assert base == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+    same = evaluate(tiny_llama, PROMPTS, XScorer(), intervention.with_alphas(1.0), samples=2, max_new_tokens=4,
+                    batch_size=4, n_boot=50)
+    assert same["baseline"]["perplexity"] == same["intervention"]["perplexity"]

@@ -9,21 +9,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from eigenshift_core.criteria import CRITERIA, Selection, get_criterion, selective_alphas, selectivity_terms
 from eigenshift_core.errors import InputError
 from eigenshift_core.export import export_hf_model, export_lora_adapter
-from eigenshift_core.intervention import (
-    CRITERIA,
-    Intervention,
-    Spectrum,
-    build_intervention,
-    decompose_lm_head,
-    get_criterion,
-    resolve_alphas,
-    resolve_k,
-    selective_alphas,
-    selectivity_terms,
-)
+from eigenshift_core.intervention import Intervention, build_intervention, resolve_alphas, resolve_k
 from eigenshift_core.loading import LoadedModel, lm_head_weight, output_layer
+from eigenshift_core.spectrum import Spectrum, decompose_lm_head
 from eigenshift_core.states import StateSet
 
 PROMPTS = ["hello there, friend", "a b", "the quick brown fox jumps over"]
@@ -74,9 +65,14 @@ def test_criteria_are_sign_free_and_find_a_planted_direction(tiny: LoadedModel, 
     w = lm_head_weight(tiny.model)
     spectrum = decompose_lm_head(w)
     states = planted_states(spectrum, direction=5)
-    scores = get_criterion(criterion)(spectrum, states, w)
-    flipped = Spectrum(spectrum.singular_values, -spectrum.right_vectors)
-    assert torch.allclose(scores, get_criterion(criterion)(flipped, states, w), atol=1e-5)
+    selection = get_criterion(criterion)(spectrum, states, w)
+    scores = selection.scores
+    flipped = get_criterion(criterion)(Spectrum(spectrum.singular_values, -spectrum.right_vectors), states, w)
+    assert isinstance(selection, Selection) and scores.shape == (w.shape[1],)
+    assert torch.allclose(scores, flipped.scores, atol=1e-5)
+    if selection.alphas is not None:
+        assert selection.alphas.shape == scores.shape and flipped.alphas is not None
+        assert torch.allclose(selection.alphas, flipped.alphas, atol=1e-5)
     if criterion == "delta":
         assert int(scores.argmax()) == 5
 
@@ -105,10 +101,27 @@ def test_auto_alphas_follow_the_selectivity_rule(tiny_llama: LoadedModel) -> Non
                                       spectrum=spectrum)
     a, b = selectivity_terms(spectrum, states, w)
     assert torch.equal(intervention.indices, torch.argsort(a * a / b, descending=True, stable=True)[:5])
-    assert torch.allclose(intervention.alphas, selective_alphas(a, b, intervention.indices))
+    assert torch.allclose(intervention.alphas, selective_alphas(a, b)[intervention.indices])
     assert torch.all((intervention.alphas >= -2) & (intervention.alphas <= 3))
     with pytest.raises(InputError, match="alpha"):
-        build_intervention(tiny_llama.model, states, k=5, alpha="often")  # type: ignore[arg-type]
+        build_intervention(tiny_llama.model, states, k=5, alpha="often")
+    with pytest.raises(InputError, match="alpha 'auto' needs a criterion that chooses"):
+        build_intervention(tiny_llama.model, states, criterion="delta", k=5, alpha="auto")
+
+
+def test_build_uses_the_registered_criterion(tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_intervention goes through the registry for every criterion (none is special-cased by name):
+    replacing the registered selectivity changes what is built."""
+    w = lm_head_weight(tiny_llama.model)
+    spectrum = decompose_lm_head(w)
+    states = planted_states(spectrum, direction=4)
+    d = w.shape[1]
+    planted = Selection(torch.arange(d, dtype=torch.float32), torch.full((d,), 0.25))  # prefers the last directions
+    monkeypatch.setitem(CRITERIA, "selectivity", lambda *_: planted)
+    intervention = build_intervention(tiny_llama.model, states, criterion="selectivity", k=3, alpha="auto",
+                                      spectrum=spectrum)
+    assert intervention.indices.tolist() == [d - 1, d - 2, d - 3]
+    assert intervention.alphas.tolist() == [0.25, 0.25, 0.25]
 
 
 def test_alpha_one_leaves_logits_identical(tiny: LoadedModel) -> None:
@@ -221,7 +234,8 @@ def test_artifact_round_trip_and_refusals(tiny_llama: LoadedModel, tmp_path) -> 
 def test_k_and_alpha_validation() -> None:
     assert resolve_k(576, percentile=0.99) == 6  # ceil(576 · 0.01)
     assert resolve_k(576, k=576) == 576
-    for bad in ({"k": 0}, {"k": 577}, {"percentile": 1.0}, {"percentile": float("nan")}, {}):
+    assert resolve_k(576) == 100 and resolve_k(32) == 32  # the default k, capped at d
+    for bad in ({"k": 0}, {"k": 577}, {"percentile": 1.0}, {"percentile": float("nan")}, {"k": 6, "percentile": 0.99}):
         with pytest.raises(InputError):
             resolve_k(576, **bad)
     assert resolve_alphas(0.5, 3).tolist() == [0.5, 0.5, 0.5]

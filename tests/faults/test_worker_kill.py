@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.faults.conftest import Workers, fault_settings, until
+from workers.job_service import JobService
 from workers.jobs import JobRecord, JobStore
 from workers.settings import Settings
 from workers.specs import GenerateSpec, PromptSource
-from workers.submit import JobService
 
 
 def _submit(settings: Settings) -> str:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from eigenshift_core.errors import InputError
-from eigenshift_core.pipeline import Cancelled
+from eigenshift_core.progress import Cancelled
 from workers.jobs import JobStore, connect
 from workers.runner import RUNNING_ELSEWHERE, StepContext, StepResult, run_step
 from workers.settings import Settings
@@ -80,7 +80,7 @@ def test_cancel_before_and_during_a_step(worker_settings: Settings) -> None:
 
 
 def test_workers_never_import_the_app() -> None:
-    code = ("import sys, workers.tasks, workers.submit, workers.celery_app; "
+    code = ("import sys, workers.tasks, workers.job_service, workers.celery_app; "
             "bad = sorted(m for m in sys.modules if m == 'app' or m.startswith('app.') or m == 'fastapi'); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,6 +20,7 @@ from app.schemas import (
     PipelineJobCreate,
     ReconstructJobCreate,
 )
+from workers.job_service import JobEnded
 from workers.jobs import JobState
 from workers.specs import ID_PATTERN, JobSpec
 
@@ -87,8 +88,11 @@ async def read_job(job_id: JobId, service: ServiceDep) -> JobPublic:
 
 @router.post("/{job_id}/cancel", status_code=202, dependencies=WRITE)
 async def cancel_job(job_id: JobId, service: ServiceDep) -> JobPublic:
-    """Cancel a job: now when queued, at the next batch boundary when running."""
-    record = await run_in_threadpool(service.cancel, job_id)
+    """Cancel a job: now when queued, at the next batch boundary when running; 409 when it has ended."""
+    try:
+        record = await run_in_threadpool(service.cancel, job_id)
+    except JobEnded as error:
+        raise Problem(409, str(error), slug="job-ended") from None
     return JobPublic.from_record(record)
 
 

@@ -58,9 +58,9 @@ from app.serving import Batcher, Busy, GenerationOutput, GenerationRequest, Mode
 from eigenshift_core.errors import InputError
 from eigenshift_core.loading import Tokenizer
 from workers.interventions import InterventionNotFound
+from workers.job_service import JobService
 from workers.jobs import TooLarge
 from workers.settings import Settings
-from workers.submit import JobService
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])

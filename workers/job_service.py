@@ -12,15 +12,14 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from eigenshift_core.errors import InputError, unknown_name
+from eigenshift_core.errors import InputError
 from eigenshift_core.prompts import PromptSet, load_prompts, parse_rows, require_disjoint
-from eigenshift_core.scoring import known_scorers
 from workers.celery_app import create_celery, enqueue_steps
 from workers.interventions import InterventionNotFound, InterventionRegistry
 from workers.jobs import TERMINAL, JobError, JobNotFound, JobRecord, JobStore, Unavailable, connect, now
 from workers.models import grant_model
 from workers.settings import Settings
-from workers.sources import check_source, data_path
+from workers.sources import check_source, check_text, data_path
 from workers.specs import (
     EvaluateSpec,
     ExtractSpec,
@@ -32,6 +31,10 @@ from workers.specs import (
 )
 from workers.store import ArtifactStore, check_key, open_store
 from workers.webhooks import check_callback
+
+
+class JobEnded(Exception):
+    """The job is over (succeeded, failed or cancelled): it cannot be cancelled."""
 
 
 class JobService:
@@ -77,12 +80,13 @@ class JobService:
         return self.jobs.get(job_id)
 
     def cancel(self, job_id: str) -> JobRecord:
-        """Ask a job to stop: a queued one is cancelled now, a running one at its next batch boundary."""
+        """Ask a job to stop: a queued one is cancelled now, a running one at its next batch boundary.
+        A job that has already ended raises `JobEnded` (nothing to cancel)."""
         self.get(job_id)
 
         def change(r: JobRecord) -> None:
             if r.state in TERMINAL:
-                return
+                raise JobEnded(f"job {job_id} has already ended ({r.state}): nothing to cancel")
             r.cancel_requested = True
             if r.state == "queued":
                 r.state = "cancelled"
@@ -105,11 +109,10 @@ class JobService:
         """What needs settings or state: allowed model and scorer, sources, rows, referenced jobs."""
         grant_model(self.settings, spec.model)
         check_callback(spec.callback_url, self.settings)
-        scorer = getattr(spec, "scorer", None)
-        if scorer is not None and scorer.partition(":")[0] not in known_scorers():
-            raise unknown_name("scorer", scorer.partition(":")[0], known_scorers(), field="scorer")
         if getattr(spec, "reference_csv", None):
             data_path(self.settings, spec.reference_csv, field="reference_csv")  # type: ignore[attr-defined]
+        if isinstance(spec, EvaluateSpec | PipelineSpec) and spec.ppl_text is not None:
+            check_text(spec.ppl_text, self.settings, self.store, field="ppl_text")
         source: PromptSource | None = getattr(spec, "prompts", None)
         if source is not None:
             check_source(source, self.settings, self.store)
