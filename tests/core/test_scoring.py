@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer, PreTrainedTokenizerFast
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.scoring import (
@@ -192,6 +192,57 @@ def test_detoxify_checkpoint_loads_offline_and_scores(tmp_path: Path) -> None:
     assert moved.score_texts(SENTENCES) == scorer.score_texts(SENTENCES)
 
 
+def test_detoxify_scores_like_the_detoxify_package(tmp_path: Path) -> None:
+    """A tiny random BERT in Detoxify's checkpoint format scores the same through `Detoxify.predict`.
+
+    Detoxify 0.5 builds a config from `model_type` with `from_pretrained` even when it is given
+    `huggingface_config_path` (and then uses the path's config instead), so a hub id there needs the
+    network; `model_type` is the local config directory, which both loaders accept offline.
+    """
+    from detoxify import Detoxify  # a dev dependency: only this test needs it
+
+    classes = ["toxic", "severe_toxic", "obscene", "identity_hate"]
+    config_dir = tmp_path / "config"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = [*specials, *sorted({w for s in SENTENCES for w in re.findall(r"\w+|[^\w\s]", s)}), "##s"]
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})  # WordPiece, lower-cased
+    tokenizer.save_pretrained(config_dir)
+    config = BertConfig(
+        vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=len(classes), initializer_range=0.3,
+    )  # fmt: skip
+    config.save_pretrained(config_dir)
+    torch.manual_seed(0)
+    state_dict = BertForSequenceClassification(config).state_dict()
+    args = {
+        "model_type": str(config_dir),
+        "model_name": "BertForSequenceClassification",
+        "tokenizer_name": "BertTokenizer",
+        "num_classes": len(classes),
+    }
+    checkpoint = {
+        "config": {"arch": {"args": args}, "dataset": {"args": {"classes": classes}}},
+        "state_dict": state_dict,
+    }
+    torch.save(checkpoint, tmp_path / "tiny.ckpt")
+    texts = [*SENTENCES, "You are Idiots!", "an unknown word: zebra", ""]
+
+    reference = Detoxify(checkpoint=str(tmp_path / "tiny.ckpt"), huggingface_config_path=str(config_dir))
+    expected = reference.predict(texts)  # {class: [P per text]}, classes renamed (toxic -> toxicity)
+    ours = DetoxifyScorer.from_checkpoint(
+        tmp_path / "tiny.ckpt", device=torch.device("cpu"), config_dir=config_dir
+    )
+    labels = ours.score_labels(texts)
+    assert list(labels[0]) == list(expected) == ["toxicity", "severe_toxicity", "obscene", "identity_attack"]
+    for name, probabilities in expected.items():
+        assert [row[name] for row in labels] == pytest.approx(probabilities, abs=1e-5), name
+    assert ours.score_texts(texts) == pytest.approx(expected["toxicity"], abs=1e-5)
+    # Without a config beside the checkpoint, ours reads `model_type` (here a directory) as Detoxify does.
+    spec = load_scorer(f"detoxify:{tmp_path / 'tiny.ckpt'}")
+    assert spec.score_texts(texts) == pytest.approx(expected["toxicity"], abs=1e-5)
+    assert len({round(p, 4) for p in expected["toxicity"]}) > 1  # the texts are told apart
+
+
 def test_detoxify_without_local_config_is_an_input_error(tmp_path: Path) -> None:
     args = {"model_type": "no-such-org/no-such-model", "model_name": "BertForSequenceClassification"}
     config = {"arch": {"args": {**args, "num_classes": 1}}, "dataset": {"args": {"classes": ["toxic"]}}}
@@ -215,7 +266,7 @@ def test_unknown_scorer_suggests_a_known_one(spec: str, hint: str) -> None:
     with pytest.raises(InputError, match=hint) as caught:
         load_scorer(spec)
     assert caught.value.field == "scorer"
-    assert known_scorers() == ["detoxify", "hf", "profanity"]
+    assert known_scorers() == ["detoxify", "ensemble", "hf", "profanity"]
 
 
 @pytest.mark.parametrize(
