@@ -98,7 +98,7 @@ def load_scorer(spec: str = DEFAULT_SCORER, *, device: str | torch.device = "cpu
     prefix, _, argument = spec.partition(":")
     if prefix not in _REGISTRY:
         raise unknown_name("scorer", prefix, known_scorers(), field="scorer")
-    return _load_cached(prefix, argument.strip(), str(resolve_device(device)))
+    return _load_cached(prefix, argument.strip(), str(resolve_device(str(device))))
 
 
 @functools.lru_cache(maxsize=8)
@@ -246,11 +246,13 @@ class HFClassifierScorer:
         load = AutoModelForSequenceClassification.from_pretrained
         model, tokenizer = _load_pretrained(id_or_dir, lambda: load(id_or_dir))
         config = model.config
-        activation = "sigmoid" if config.problem_type == "multi_label_classification" else "softmax"
-        labels = [config.id2label[i] for i in range(config.num_labels)]
-        toxic_index = toxic_label_index(config.id2label)
+        activation: Literal["softmax", "sigmoid"] = (
+            "sigmoid" if config.problem_type == "multi_label_classification" else "softmax")
+        id2label: dict[int, str] = dict(config.id2label or {})  # type: ignore[assignment]
+        labels = [id2label[i] for i in range(int(config.num_labels or 0))]
+        toxic_index = toxic_label_index(id2label)
         return cls(
-            model.to(device),
+            model.to(device),  # type: ignore[arg-type]  # transformers types .to() as a decorator
             tokenizer,
             name=f"hf:{id_or_dir}",
             labels=labels,
@@ -349,7 +351,7 @@ class DetoxifyScorer(HFClassifierScorer):
             return model
 
         model, tokenizer = _load_pretrained(source, build, local_files_only=True)
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() as a decorator
         return cls(
             model, tokenizer, name=f"detoxify:{path}", labels=classes, toxic_index=0, activation="sigmoid"
         )
