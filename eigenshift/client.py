@@ -388,8 +388,14 @@ def _artifact_path(job: Job | str, name: str) -> str:
 
 
 def _destination(dest: str | os.PathLike[str], name: str) -> Path:
-    path = Path(dest)
-    return path / Path(name).name if path.is_dir() else path
+    """Where `download` writes: a directory (one that exists, or any path ending in a slash, made here) takes
+    the artifact's base name; any other path is the file itself."""
+    text = os.fspath(dest)
+    path = Path(text)
+    if path.is_dir() or text.endswith((os.sep, "/")):
+        path.mkdir(parents=True, exist_ok=True)
+        return path / Path(name).name
+    return path
 
 
 class _Progress:
