@@ -139,13 +139,18 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 def error_from_response(status: int, headers: httpx.Headers, content: bytes) -> EigenShiftError:
-    """The typed error for an error answer, with the problem+json fields when the body has them."""
+    """The typed error for an error answer, with the problem+json fields when the body has them (or OpenAI's
+    error envelope, mapped onto them)."""
     try:
         body = httpx.Response(status, headers=headers, content=content).json()
     except ValueError:
         body = None
     if not isinstance(body, dict):
         body = {"detail": content[:500].decode("utf-8", "replace") or None}
+    envelope = body.get("error")
+    if isinstance(envelope, dict):  # OpenAI's shape, on the /v1/... routes
+        body = {**body, "type": envelope.get("type"), "detail": envelope.get("message"),
+                "field": envelope.get("param")}
     errors = [FieldError(str(e.get("field", "")), str(e.get("message", ""))) for e in body.get("errors") or []
               if isinstance(e, dict)]
     detail, title = body.get("detail"), body.get("title")
