@@ -338,14 +338,17 @@ def test_errors_come_in_openais_envelope_with_our_message(oai: openai.OpenAI, li
     assert int(limited.value.response.headers["retry-after"]) >= 1
 
 
-def test_a_server_error_on_an_openai_route_is_in_the_envelope(client: TestClient,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client.app.state, "server", None)  # as while the model is loading
-    answer = client.post("/v1/completions", json={"model": "embedded", "prompt": "Hi", "max_tokens": 2})
+def test_a_server_error_on_an_openai_route_is_in_the_envelope(client: TestClient) -> None:
+    state = client.app.state  # type: ignore[attr-defined]
+    server, state.server = state.server, None  # as while the model is loading
+    try:
+        answer = client.post("/v1/completions", json={"model": "embedded", "prompt": "Hi", "max_tokens": 2})
+        elsewhere = client.get("/generate", params={"prompt": "Hi"})  # our own routes keep problem+json
+    finally:
+        state.server = server
     assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
     assert answer.json() == {"error": {"message": "the model is not loaded yet", "type": "server_error",
                                        "param": None, "code": "model_loading"}}
-    elsewhere = client.get("/generate", params={"prompt": "Hi"})  # our own routes keep problem+json
     assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
 
 
