@@ -42,9 +42,12 @@ intervention: setup
 	cp runs/embedded-default/intervention/intervention.safetensors runs/embedded-default/intervention/intervention.json \
 		runs/embedded-default/evaluate/report.json runs/embedded-default/evaluate/report.png eigenshift_core/defaults/embedded/
 
-# Serve the embedded defaults on 127.0.0.1:8000: API, one worker, and a Redis of its own when none is configured.
+# Serve the embedded defaults on $(HOST):$(PORT) (`make run PORT=8001`): API, one worker, and a Redis of its own
+# when none is configured.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: setup
-	HF_HUB_OFFLINE=1 $(PY) -m app.cli serve --host 127.0.0.1 --port 8000
+	HF_HUB_OFFLINE=1 $(PY) -m app.cli serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -74,7 +74,7 @@ def _limit_body(max_bytes: int) -> Callable[[Request, Callable[[Request], Awaita
     async def limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            return errors.problem(413, f"request body is over max_body_bytes={max_bytes} bytes")
+            return errors.error_response(request, 413, f"request body is over max_body_bytes={max_bytes} bytes")
         return await call_next(request)
 
     return limit

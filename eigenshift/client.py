@@ -139,13 +139,18 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 def error_from_response(status: int, headers: httpx.Headers, content: bytes) -> EigenShiftError:
-    """The typed error for an error answer, with the problem+json fields when the body has them."""
+    """The typed error for an error answer, with the problem+json fields when the body has them (or OpenAI's
+    error envelope, mapped onto them)."""
     try:
         body = httpx.Response(status, headers=headers, content=content).json()
     except ValueError:
         body = None
     if not isinstance(body, dict):
         body = {"detail": content[:500].decode("utf-8", "replace") or None}
+    envelope = body.get("error")
+    if isinstance(envelope, dict):  # OpenAI's shape, on the /v1/... routes
+        body = {**body, "type": envelope.get("type"), "detail": envelope.get("message"),
+                "field": envelope.get("param")}
     errors = [FieldError(str(e.get("field", "")), str(e.get("message", ""))) for e in body.get("errors") or []
               if isinstance(e, dict)]
     detail, title = body.get("detail"), body.get("title")
@@ -388,8 +393,14 @@ def _artifact_path(job: Job | str, name: str) -> str:
 
 
 def _destination(dest: str | os.PathLike[str], name: str) -> Path:
-    path = Path(dest)
-    return path / Path(name).name if path.is_dir() else path
+    """Where `download` writes: a directory (one that exists, or any path ending in a slash, made here) takes
+    the artifact's base name; any other path is the file itself."""
+    text = os.fspath(dest)
+    path = Path(text)
+    if path.is_dir() or text.endswith((os.sep, "/")):
+        path.mkdir(parents=True, exist_ok=True)
+        return path / Path(name).name
+    return path
 
 
 class _Progress:

@@ -1,4 +1,6 @@
-"""Every error as RFC 9457 problem+json (type, title, status, detail, and `field` when one is to blame).
+"""Every error as RFC 9457 problem+json (type, title, status, detail, and `field` when one is to blame), but
+on the OpenAI-compatible routes (/v1/...), where it is OpenAI's envelope,
+`{"error": {"message", "type", "param", "code"}}`, the one the openai SDKs read their exceptions from.
 
 No handler ever returns a traceback; unexpected errors are logged and answered 500.
 """
@@ -57,6 +59,36 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, "
+                                  "rate_limit_error or server_error")
+    param: str | None = Field(None, description="the request field to blame, when one is")
+    code: str | None = Field(None, description="what went wrong, e.g. model_not_found")
+
+
+class OpenAIError(BaseModel):
+    """The body of every error answer on the OpenAI-compatible routes (OpenAI's shape)."""
+
+    error: OpenAIErrorBody
+
+
+# The OpenAI-compatible routes, where errors take OpenAI's envelope: /v1alpha1/... (Perspective's) is not one.
+OPENAI_PREFIX = "/v1/"
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": OpenAIError, "description": "the request is refused: OpenAI's error envelope, `param` "
+                                                 "naming the field"},
+    "5XX": {"model": OpenAIError, "description": "unavailable (with Retry-After) or internal error: OpenAI's "
+                                                 "error envelope"},
+}
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's `type` for an error status."""
+    return OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 class Problem(Exception):
     """An error answered with its own status (routes raise it for 404s of path ids and the like)."""
 
@@ -77,6 +109,22 @@ def problem(status: int, detail: str, *, field: str | None = None, slug: str | N
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
+def openai_error(status: int, detail: str, *, field: str | None = None, slug: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error envelope; `code` is the problem's slug in OpenAI's spelling (model_not_found)."""
+    code = (slug or TITLES.get(status, "error").lower().replace(" ", "-")).replace("-", "_")
+    body = {"error": {"message": detail, "type": openai_type(status), "param": field, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(request: Request, status: int, detail: str, *, field: str | None = None, slug: str | None = None,
+                   headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
+    """The error answer to `request`: OpenAI's envelope on the OpenAI routes, else problem+json."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(status, detail, field=field, slug=slug, headers=headers)
+    return problem(status, detail, field=field, slug=slug, headers=headers, extra=extra)
+
+
 TYPE_TAG = re.compile(r"^(float|int|str|bool|list|dict|none)$|[\[\]-]")  # union branches pydantic names in `loc`
 
 
@@ -90,57 +138,58 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
     unavailable_headers = {"Retry-After": str(retry_after_s)}
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in error.errors()]
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}
-        return problem(422, f"{first['field']}: {first['message']}", field=first["field"], extra={"errors": errors})
+        return error_response(request, 422, f"{first['field']}: {first['message']}", field=first["field"],
+                              extra={"errors": errors})
 
     @app.exception_handler(InputError)
-    async def bad_input(_: Request, error: InputError) -> JSONResponse:
-        return problem(422, str(error), field=error.field)
+    async def bad_input(request: Request, error: InputError) -> JSONResponse:
+        return error_response(request, 422, str(error), field=error.field)
 
     @app.exception_handler(TooLarge)
-    async def too_large(_: Request, error: TooLarge) -> JSONResponse:
-        return problem(413, str(error))
+    async def too_large(request: Request, error: TooLarge) -> JSONResponse:
+        return error_response(request, 413, str(error))
 
     @app.exception_handler(Problem)
-    async def own(_: Request, error: Problem) -> JSONResponse:
-        return problem(error.status, error.detail, field=error.field, slug=error.slug, headers=error.headers)
+    async def own(request: Request, error: Problem) -> JSONResponse:
+        return error_response(request, error.status, error.detail, field=error.field, slug=error.slug, headers=error.headers)
 
     @app.exception_handler(JobNotFound)
-    async def no_job(_: Request, error: JobNotFound) -> JSONResponse:
-        return problem(404, f"no job {error.args[0]!r}", slug="job-not-found")
+    async def no_job(request: Request, error: JobNotFound) -> JSONResponse:
+        return error_response(request, 404, f"no job {error.args[0]!r}", slug="job-not-found")
 
     @app.exception_handler(InterventionNotFound)
-    async def no_intervention(_: Request, error: InterventionNotFound) -> JSONResponse:
-        return problem(404, f"no intervention {error.args[0]!r}", slug="intervention-not-found")
+    async def no_intervention(request: Request, error: InterventionNotFound) -> JSONResponse:
+        return error_response(request, 404, f"no intervention {error.args[0]!r}", slug="intervention-not-found")
 
     @app.exception_handler(IdempotencyConflict)
-    async def conflict(_: Request, error: IdempotencyConflict) -> JSONResponse:
-        return problem(409, str(error), field="Idempotency-Key", slug="idempotency-conflict")
+    async def conflict(request: Request, error: IdempotencyConflict) -> JSONResponse:
+        return error_response(request, 409, str(error), field="Idempotency-Key", slug="idempotency-conflict")
 
     @app.exception_handler(Busy)
-    async def busy(_: Request, error: Busy) -> JSONResponse:
-        return problem(503, str(error), slug="generation-queue-full", headers=unavailable_headers)
+    async def busy(request: Request, error: Busy) -> JSONResponse:
+        return error_response(request, 503, str(error), slug="generation-queue-full", headers=unavailable_headers)
 
     @app.exception_handler(Unavailable)
-    async def unavailable(_: Request, error: Unavailable) -> JSONResponse:
-        return problem(503, str(error), headers=unavailable_headers)
+    async def unavailable(request: Request, error: Unavailable) -> JSONResponse:
+        return error_response(request, 503, str(error), headers=unavailable_headers)
 
     @app.exception_handler(redis.RedisError)
-    async def redis_down(_: Request, error: redis.RedisError) -> JSONResponse:
+    async def redis_down(request: Request, error: redis.RedisError) -> JSONResponse:
         log.warning("redis error: %s", error)
-        return problem(503, "the job store (Redis) is unreachable", slug="redis-unavailable", headers=unavailable_headers)
+        return error_response(request, 503, "the job store (Redis) is unreachable", slug="redis-unavailable", headers=unavailable_headers)
 
     @app.exception_handler(OperationalError)
-    async def broker_down(_: Request, error: OperationalError) -> JSONResponse:
-        return problem(503, "the job queue is unreachable", slug="broker-unavailable", headers=unavailable_headers)
+    async def broker_down(request: Request, error: OperationalError) -> JSONResponse:
+        return error_response(request, 503, "the job queue is unreachable", slug="broker-unavailable", headers=unavailable_headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return problem(error.status_code, str(error.detail), headers=getattr(error, "headers", None))
+    async def http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, error.status_code, str(error.detail), headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "internal error; the server log has the details")
+        return error_response(request, 500, "internal error; the server log has the details")

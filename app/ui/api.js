@@ -1,4 +1,5 @@
-// Calls to the EigenShift API with the stored key; errors become ApiError from their problem+json body.
+// Calls to the EigenShift API with the stored key; errors become ApiError from their problem+json body (or
+// OpenAI's error envelope on /v1/...).
 
 const KEY_NAME = "eigenshift.apiKey";
 
@@ -34,8 +35,13 @@ async function problemOf(response) {
     const type = response.headers.get("Content-Type") || "";
     if (type.includes("json")) {
       const body = await response.json();
-      title = typeof body.title === "string" ? body.title : title;
-      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? "");
+      if (body.error && typeof body.error === "object") {
+        // OpenAI's envelope, on the OpenAI-compatible routes (/v1/...).
+        detail = typeof body.error.message === "string" ? body.error.message : "";
+      } else {
+        title = typeof body.title === "string" ? body.title : title;
+        detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? "");
+      }
     } else {
       detail = (await response.text()).slice(0, 300);
     }

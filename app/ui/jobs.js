@@ -10,6 +10,7 @@ const HIDDEN_POLL_MS = 5000; // a background tab need not spend the key's rate l
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const REFERENCE_CSV = "llama2_7b_rtp_toxic_words.csv";
 const PROMPTS_CSV = "rtp_toxic_prompts_5000.csv";
+const CRITERIA = ["delta", "logit", "selectivity"]; // offered; a default the API names beyond these is added
 
 /** Bodies that finish in seconds on the embedded model: a starting point for each job kind. */
 export function jobTemplate(kind, interventionId = "") {
@@ -25,16 +26,40 @@ export function jobTemplate(kind, interventionId = "") {
   return templates[kind];
 }
 
-/** "0.5" -> 0.5; "0.1, 0.2" -> [0.1, 0.2] (one α per direction). */
+/** "0.5" -> 0.5; "0.1, 0.2" -> [0.1, 0.2] (one α per direction); "auto" -> "auto" (the server chooses). */
 export function parseAlpha(text) {
-  const parts = String(text).split(",").map((p) => p.trim()).filter((p) => p !== "");
+  const trimmed = String(text).trim();
+  if (trimmed.toLowerCase() === "auto") return "auto";
+  const parts = trimmed.split(",").map((p) => p.trim()).filter((p) => p !== "");
   const values = parts.map(Number);
   return values.length === 1 ? values[0] : values;
 }
 
-/** The body of POST /jobs/reconstruct from the form's values (strings, as the inputs hold them). */
+/** A default as a form control shows it: lists as "a, b", everything else as its text. */
+export function formatDefault(value) {
+  return Array.isArray(value) ? value.join(", ") : String(value);
+}
+
+/** The fields of the reconstruct form whose starting values are the API's defaults. */
+export const DEFAULTED_FIELDS = ["criterion", "k", "alpha", "seed", "samples", "max_new_tokens"];
+
+/** The defaults of POST /jobs/<kind>'s body, from the served OpenAPI document: the form follows the API. */
+export function bodyDefaults(openapi, kind) {
+  let schema = openapi.paths[`/jobs/${kind}`].post.requestBody.content["application/json"].schema;
+  if (schema.$ref) schema = openapi.components.schemas[schema.$ref.split("/").pop()];
+  return Object.fromEntries(Object.entries(schema.properties || {})
+    .filter(([, property]) => property.default !== undefined && property.default !== null)
+    .map(([name, property]) => [name, property.default]));
+}
+
+/** The body of POST /jobs/reconstruct from the form's values (strings, as the inputs hold them). A field left
+ * empty is left out, so the API's default applies. */
 export function reconstructBody(values) {
-  const body = { criterion: values.criterion, k: Number(values.k), alpha: parseAlpha(values.alpha), seed: Number(values.seed) };
+  const body = {};
+  const given = (name) => String(values[name] ?? "").trim() !== "";
+  if (given("criterion")) body.criterion = values.criterion;
+  if (given("alpha")) body.alpha = parseAlpha(values.alpha);
+  for (const name of ["k", "seed"]) if (given(name)) body[name] = Number(values[name]);
   const rows = values.rows.trim();
   if (values.source === "extract") {
     body.extract_job_id = values.extract_job_id.trim();
@@ -48,8 +73,7 @@ export function reconstructBody(values) {
   body.prompts = values.source === "file"
     ? { path: values.path.trim() }
     : { texts: values.texts.split("\n").map((t) => t.trim()).filter((t) => t !== "") };
-  body.samples = Number(values.samples);
-  body.max_new_tokens = Number(values.max_new_tokens);
+  for (const name of ["samples", "max_new_tokens"]) if (given(name)) body[name] = Number(values[name]);
   return body;
 }
 
@@ -82,23 +106,24 @@ function reconstructForm(onSubmit) {
       field("Extract job id", h("input", { id: "extract_job_id", name: "extract_job_id", spellcheck: "false" }))),
   };
   const generation = h("div", { class: "group", "data-source": "file texts" },
-    field("Samples per prompt", h("input", { id: "samples", name: "samples", type: "number", min: 1, max: 1000, value: 2 })),
-    field("New tokens per sample", h("input", { id: "max_new_tokens", name: "max_new_tokens", type: "number", min: 1, max: 1024, value: 8 })));
+    field("Samples per prompt", h("input", { id: "samples", name: "samples", type: "number", min: 1, max: 1000 })),
+    field("New tokens per sample", h("input", { id: "max_new_tokens", name: "max_new_tokens", type: "number", min: 1, max: 1024 })));
   const rows = h("div", { class: "group", "data-source": "reference file texts" },
     field("Rows", h("input", { id: "rows", name: "rows", value: "0:24", pattern: "\\d*:\\d*" }), "half-open range A:B of the source"));
 
   const form = h("form", { class: "panel", id: "reconstruct-form", "aria-labelledby": "reconstruct-heading" },
     h("h2", { id: "reconstruct-heading" }, "New reconstruct job"),
-    h("p", { class: "hint" }, "Builds an intervention: states of toxic and ordinary tokens, then the k output-layer directions to damp."),
+    h("p", { class: "hint" }, "Builds an intervention: states of toxic and ordinary tokens, then the k output-layer directions to damp. "
+      + "The fields start at the API's defaults; one left empty takes the API's default."),
     h("fieldset", {}, h("legend", {}, "Source of the states"), radios),
     Object.values(groups), rows, generation,
     h("div", { class: "row" },
       field("Criterion", h("select", { id: "criterion", name: "criterion" },
-        h("option", { value: "delta" }, "delta"), h("option", { value: "logit" }, "logit"),
-        h("option", { value: "selectivity" }, "selectivity"))),
-      field("k (directions)", h("input", { id: "k", name: "k", type: "number", min: 1, max: 65536, value: 8, required: true })),
-      field("α", h("input", { id: "alpha", name: "alpha", value: "0", required: true }), "one value, or k values separated by commas"),
-      field("Seed", h("input", { id: "seed", name: "seed", type: "number", min: 0, value: 0 }))),
+        h("option", { value: "" }, "API default"), CRITERIA.map((name) => h("option", { value: name }, name)))),
+      field("k (directions)", h("input", { id: "k", name: "k", type: "number", min: 1, max: 65536 })),
+      field("α", h("input", { id: "alpha", name: "alpha", spellcheck: "false" }),
+        "auto, one value, or k values separated by commas"),
+      field("Seed", h("input", { id: "seed", name: "seed", type: "number", min: 0 }))),
     h("button", { type: "submit" }, "Submit reconstruct job"));
 
   const sync = () => {
@@ -110,6 +135,9 @@ function reconstructForm(onSubmit) {
     }
   };
   form.addEventListener("change", sync);
+  for (const kind of ["input", "change"]) {  // what a person set is never replaced by a default arriving later
+    form.addEventListener(kind, (event) => { event.target.dataset.edited = "true"; });
+  }
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const values = Object.fromEntries(["source", "reference_csv", "path", "texts", "extract_job_id", "rows", "samples",
@@ -118,6 +146,29 @@ function reconstructForm(onSubmit) {
   });
   sync();
   return form;
+}
+
+/** Put the API's defaults into the controls a person has not touched; the form says when they are in. */
+function applyDefaults(form, defaults) {
+  for (const name of DEFAULTED_FIELDS) {
+    const control = form.elements[name];
+    if (defaults[name] === undefined || control.dataset.edited) continue;
+    const value = formatDefault(defaults[name]);
+    if (control.tagName === "SELECT" && ![...control.options].some((option) => option.value === value)) {
+      control.append(h("option", { value }, value));
+    }
+    control.value = value;
+  }
+  form.dataset.defaults = "loaded";
+}
+
+async function loadDefaults(form, signal) {
+  try {
+    applyDefaults(form, bodyDefaults(await api("/openapi.json", { signal }), "reconstruct"));
+  } catch (error) {
+    if (error.name === "AbortError") return;
+    form.dataset.defaults = "unavailable"; // empty fields still take the API's defaults
+  }
 }
 
 function jsonForm(onSubmit, query) {
@@ -288,9 +339,11 @@ export function mountJobs(main, _args, query) {
   }
 
   clearNotices();
+  const form = reconstructForm(submit);
+  loadDefaults(form, controller.signal);
   replaceChildren(main,
     h("h1", {}, "Jobs"),
-    h("div", { class: "two-columns" }, reconstructForm(submit), jsonForm(submit, query)),
+    h("div", { class: "two-columns" }, form, jsonForm(submit, query)),
     h("section", { "aria-labelledby": "jobs-heading" }, h("h2", { id: "jobs-heading" }, "All jobs"), summary,
       h("div", { class: "table-scroll" }, table)));
   poll();

@@ -190,6 +190,31 @@ def test_429_and_503_are_retried_after_retry_after_within_bounds() -> None:
     assert len(seen) == 1 and error.value.retry_after == 3600 and error.value.detail == "no worker"
 
 
+def _artifact_server(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(200, content=request.url.path.encode())  # the body names what was asked for
+
+
+@pytest.mark.parametrize("dest", ["out/", "out/deeper/", "existing", "file.json"])
+def test_download_into_a_directory_or_a_file_both_clients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          dest: str) -> None:
+    """A trailing slash or an existing directory means a directory (made when missing) that takes the
+    artifact's base name; any other path is the file itself."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    expected = tmp_path / dest / "intervention.json" if dest.endswith("/") or dest == "existing" else tmp_path / dest
+    with Client("http://es.test", "k", transport=httpx.MockTransport(_artifact_server)) as client:
+        written = client.download("j", ARTIFACT, dest)
+    assert Path(written).resolve() == expected and expected.read_bytes() == f"/jobs/j/artifacts/{ARTIFACT}".encode()
+    expected.unlink()
+
+    async def download() -> Path | bytes:
+        async with AsyncClient("http://es.test", "k", transport=httpx.MockTransport(_artifact_server)) as client:
+            return await client.download("j", ARTIFACT, dest)
+
+    assert Path(asyncio.run(download())).resolve() == expected and expected.is_file()  # type: ignore[arg-type]
+    assert not list(tmp_path.rglob("*.part"))
+
+
 def test_results_are_parsed_leniently() -> None:
     job = Job.from_json({"id": "j", "state": "running", "new_field": {"x": 1}, "artifacts": ["a/b.json"],
                          "progress": {"stage": "extract", "done": 2, "total": 5, "eta_s": 3}})

@@ -65,6 +65,15 @@ def keyword_scorer(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> str:
     return "keyword"
 
 
+def _openai_error(answer: httpx.Response, status: int, param: str | None) -> dict:
+    """OpenAI's envelope, which /v1/moderations answers errors in (the SDKs read their exceptions from it)."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/json"
+    error = answer.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] and error["code"]
+    return dict(error)
+
+
 def _problem(answer: httpx.Response, status: int, field: str | None) -> dict:
     assert answer.status_code == status, answer.text
     assert answer.headers["content-type"] == "application/problem+json"
@@ -190,9 +199,9 @@ def test_the_openai_sdk_reads_the_answer(live_server: str, settings: Settings) -
     ({"input": ["hi", "x" * 501]}, 413, None),
 ])
 def test_bad_moderation_requests(client: TestClient, body: dict, status: int, field: str | None) -> None:
-    problem = _problem(client.post(MODERATIONS, json=body), status, field)
+    error = _openai_error(client.post(MODERATIONS, json=body), status, field)
     if field == "model":
-        assert "profanity" in problem["detail"]  # the allowed scorers are listed
+        assert "profanity" in error["message"]  # the allowed scorers are listed
 
 
 # POST /v1alpha1/comments:analyze.
@@ -259,9 +268,14 @@ def test_bad_analyze_requests(client: TestClient, body: dict, status: int, field
 @pytest.mark.parametrize("url", [MODERATIONS, ANALYZE])
 def test_both_routes_need_a_key_with_the_score_scope(client: TestClient, url: str) -> None:
     body = {"input": "hi", "comment": {"text": "hi"}, "requestedAttributes": {"TOXICITY": {}}}
-    _problem(client.post(url, json=body, headers={"Authorization": ""}), 401, None)
-    problem = _problem(client.post(url, json=body, headers={"Authorization": f"Bearer {READER_KEY}"}), 403, None)
-    assert "score" in problem["detail"]
+    refused = client.post(url, json=body, headers={"Authorization": ""})
+    denied = client.post(url, json=body, headers={"Authorization": f"Bearer {READER_KEY}"})
+    if url == MODERATIONS:  # OpenAI's route, OpenAI's envelope; Perspective's keeps problem+json
+        assert _openai_error(refused, 401, None)["type"] == "authentication_error"
+        assert "score" in _openai_error(denied, 403, None)["message"]
+    else:
+        _problem(refused, 401, None)
+        assert "score" in _problem(denied, 403, None)["detail"]
 
 
 # doNotStore: the text reaches no log and no store.

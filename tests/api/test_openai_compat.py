@@ -18,7 +18,7 @@ from app.api.routes.openai_compat import ChoiceText, chat_prompt, first_stop, st
 from app.openai_schemas import ChatMessage
 from app.serving import GenerationOutput, GenerationRequest, decode_batch
 from eigenshift_core.loading import LoadedModel
-from tests.api.conftest import admin_key
+from tests.api.conftest import SLOW_KEY, admin_key
 from tests.conftest import byte_tokenizer
 from workers.interventions import BUILTIN_ID
 from workers.settings import Settings
@@ -269,7 +269,7 @@ def test_models_list_the_served_model_and_its_detox_aliases(oai: openai.OpenAI) 
     assert oai.models.retrieve("embedded:detox") == cards["embedded:detox"]
     with pytest.raises(openai.NotFoundError) as missing:
         oai.models.retrieve("gpt-4o")
-    assert missing.value.body["field"] == "model"
+    assert missing.value.param == "model" and missing.value.code == "model_not_found"
 
 
 def test_errors_come_back_as_the_clients_exceptions(oai: openai.OpenAI, live_server: str,
@@ -293,11 +293,63 @@ def test_errors_come_back_as_the_clients_exceptions(oai: openai.OpenAI, live_ser
         request: dict[str, Any] = {"model": "embedded", "messages": CHAT, "max_tokens": 2, **change}
         with pytest.raises(error) as raised:
             oai.chat.completions.create(**request)
-        assert raised.value.body["field" if field else "status"] == (field or 413), change
-        assert raised.value.response.headers["content-type"] == "application/problem+json"
+        assert raised.value.param == field and raised.value.body["param"] == field, change
+        assert field is not None or raised.value.status_code == 413
+        assert raised.value.response.headers["content-type"] == "application/json"
     with pytest.raises(openai.APIStatusError) as too_long:
         oai.completions.create(model="embedded", prompt=["ok", "y" * (settings.max_prompt_chars + 1)], max_tokens=2)
-    assert too_long.value.status_code == 413 and "max_prompt_chars" in too_long.value.body["detail"]
+    assert too_long.value.status_code == 413 and "max_prompt_chars" in too_long.value.message
+
+
+def _envelope(error: openai.APIStatusError, status: int, kind: str, param: str | None, code: str) -> str:
+    """The error's message, after checking that it came in OpenAI's envelope and that the SDK read it."""
+    assert error.status_code == status and error.response.headers["content-type"] == "application/json"
+    envelope = error.response.json()
+    assert set(envelope) == {"error"} and set(envelope["error"]) == {"message", "type", "param", "code"}
+    assert error.body == envelope["error"] and (error.type, error.param, error.code) == (kind, param, code)
+    assert envelope["error"]["message"] and envelope["error"]["message"] in str(error)  # not just "Error code: 404"
+    return str(envelope["error"]["message"])
+
+
+def test_errors_come_in_openais_envelope_with_our_message(oai: openai.OpenAI, live_server: str,
+                                                          settings: Settings) -> None:
+    with pytest.raises(openai.NotFoundError) as unknown:
+        oai.chat.completions.create(model="nope", messages=CHAT, max_tokens=2)
+    assert "'nope' does not exist" in _envelope(unknown.value, 404, "invalid_request_error", "model",
+                                                "model_not_found")
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=live_server + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert "API key" in _envelope(refused.value, 401, "authentication_error", None, "unauthorized")
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        oai.completions.create(model="embedded", prompt="Hi", max_tokens=2, temperature=3)
+    assert "temperature" in _envelope(invalid.value, 422, "invalid_request_error", "temperature", "invalid_field")
+    with pytest.raises(openai.UnprocessableEntityError) as empty:
+        oai.moderations.create(input=[])
+    assert "at least one text" in _envelope(empty.value, 422, "invalid_request_error", "input", "invalid_field")
+    with pytest.raises(openai.APIStatusError) as large:
+        oai.chat.completions.create(model="embedded", max_tokens=2,
+                                    messages=[{"role": "user", "content": "x" * settings.max_body_bytes}])
+    assert "max_body_bytes" in _envelope(large.value, 413, "invalid_request_error", None, "content_too_large")
+    slow = openai.OpenAI(base_url=live_server + "/v1", api_key=SLOW_KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as limited:
+        for _ in range(10):  # the key's bucket holds 2 requests and refills one per 5 s
+            slow.models.retrieve("embedded")
+    assert "rate limit" in _envelope(limited.value, 429, "rate_limit_error", None, "rate_limited")
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_server_error_on_an_openai_route_is_in_the_envelope(client: TestClient) -> None:
+    state = client.app.state  # type: ignore[attr-defined]
+    server, state.server = state.server, None  # as while the model is loading
+    try:
+        answer = client.post("/v1/completions", json={"model": "embedded", "prompt": "Hi", "max_tokens": 2})
+        elsewhere = client.get("/generate", params={"prompt": "Hi"})  # our own routes keep problem+json
+    finally:
+        state.server = server
+    assert answer.status_code == 503 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == {"error": {"message": "the model is not loaded yet", "type": "server_error",
+                                       "param": None, "code": "model_loading"}}
+    assert elsewhere.status_code == 503 and elsewhere.headers["content-type"] == "application/problem+json"
 
 
 def test_a_failed_generation_is_an_error_whole_or_streamed(live_server: str, settings: Settings,
@@ -312,6 +364,8 @@ def test_a_failed_generation_is_an_error_whole_or_streamed(live_server: str, set
     assert next(stream).choices[0].delta.role == "assistant"  # the stream had begun: the error comes as an event
     with pytest.raises(openai.APIError) as failed:
         list(stream)
-    assert "internal error" in failed.value.message and failed.value.body["code"] == 500
+    assert "internal error" in failed.value.message
+    assert failed.value.body == {"message": failed.value.message, "type": "server_error", "param": None,
+                                 "code": "internal_error"}
     with pytest.raises(openai.InternalServerError):  # last: uvicorn drops the connection after an unhandled error
         oai.chat.completions.create(model="embedded", messages=CHAT, max_tokens=2)

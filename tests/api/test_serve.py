@@ -4,6 +4,7 @@ and detoxified generation answers right after start."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,15 +24,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_serve_starts_everything(tmp_path: Path, default_intervention: Path) -> None:
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_serve_starts_everything_and_stops_cleanly(tmp_path: Path, default_intervention: Path, stop: str) -> None:
+    """SIGTERM is what docker stop and systemd send to the one process; SIGINT is Ctrl+C at a terminal, which
+    reaches the whole foreground process group (here: the session `serve` leads)."""
     port, data = _free_port(), tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EIGENSHIFT_")}
     env.update({"EIGENSHIFT_DEFAULT_INTERVENTION": str(default_intervention), "EIGENSHIFT_TORCH_THREADS": "1",
                 "EIGENSHIFT_DEVICE": "cpu", "EIGENSHIFT_HEARTBEAT_S": "0.5", "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": str(ROOT)})
-    log = (tmp_path / "serve.log").open("wb")
+    out, err = (tmp_path / "serve.out").open("wb"), (tmp_path / "serve.err").open("wb")
     process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                               cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_DEADLINE_S
@@ -42,23 +46,33 @@ def test_serve_starts_everything(tmp_path: Path, default_intervention: Path) -> 
             except httpx.HTTPError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"serve did not become ready:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+                pytest.fail(f"serve did not become ready:\n{(tmp_path / 'serve.err').read_text()[-3000:]}")
             time.sleep(0.5)
         assert (data / "redis.sock").is_socket()
         key = (data / "api-key").read_text().strip()
-        assert key in (tmp_path / "serve.log").read_text()  # printed at first start
+        assert key in (tmp_path / "serve.out").read_text()  # printed at first start
         params = {"prompt": "Hello", "detox": "true", "max_new_tokens": 2}
         assert httpx.get(f"{base}/generate", params=params, timeout=120).status_code == 401
         answer = httpx.get(f"{base}/generate", params=params, headers={"Authorization": f"Bearer {key}"},
                            timeout=120).json()
         assert answer["data"][0]["intervention"] == "embedded-default"
     finally:
-        process.send_signal(signal.SIGTERM)  # what docker stop and systemd send to the one process
+        if stop == "SIGINT":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            code = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-        log.close()
+            code = process.wait()
+        out.close()
+        err.close()
+    logs = (tmp_path / "serve.out").read_text() + (tmp_path / "serve.err").read_text()
+    assert code == 0, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    stopped = [line for line in (tmp_path / "serve.err").read_text().splitlines() if line.startswith("eigenshift: stopped")]
+    assert stopped == ["eigenshift: stopped api", "eigenshift: stopped worker", "eigenshift: stopped redis"]
     assert not (data / "redis.sock").exists()  # Redis went down with it
     assert not processes_using(data)  # and so did the worker
 
@@ -74,6 +88,29 @@ def processes_using(data: Path) -> list[int]:
         except OSError:  # gone, or not ours to read
             continue
     return found
+
+
+def test_the_top_level_help_lists_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import SERVE_HELP, main
+
+    assert main(["--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "serve" in shown and " ".join(SERVE_HELP.split()) in " ".join(shown.split())
+    assert "generate" in shown  # the core's subcommands are still there
+    assert main(["nope"]) == 2 and "'serve'" in capsys.readouterr().err  # a usage error names it too
+
+
+def test_serve_help_shows_defaults_and_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+    from workers.settings import Settings
+
+    assert main(["serve", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "(default: 8000)" in shown and "(default: 127.0.0.1)" in shown
+    listed = re.findall(r"^  (EIGENSHIFT_[A-Z0-9_]+) \(default: ", shown, re.MULTILINE)
+    assert listed == [f"EIGENSHIFT_{name.upper()}" for name in Settings.model_fields]
+    assert "EIGENSHIFT_REDIS_URL (default: unset)" in shown
+    assert f"EIGENSHIFT_RATE_LIMIT_PER_S (default: {Settings.model_fields['rate_limit_per_s'].default})" in shown
 
 
 def test_embedded_worker_is_restarted_when_it_dies() -> None:

@@ -338,3 +338,47 @@ def test_the_key_is_kept_across_reloads(open_console: Callable[[str, str], Conso
     expect(page.locator("#key-panel")).to_be_visible()
     assert page.evaluate("localStorage.length") == 0
     console.check_no_script_errors()
+
+
+def _as_shown(default: object) -> str:
+    """A default as the form shows it (JavaScript's String(): 1.0 is "1"; a list joined with ", ")."""
+    if isinstance(default, list):
+        return ", ".join(_as_shown(v) for v in default)
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return "" if default is None else str(default)
+
+
+def test_the_job_form_starts_at_the_defaults_of_the_served_openapi(open_console: Callable[[str, str], Console],
+                                                                   client: TestClient, settings: Settings) -> None:
+    document = client.get("/openapi.json").json()
+    reference = document["paths"]["/jobs/reconstruct"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    properties = document["components"]["schemas"][reference["$ref"].split("/")[-1]]["properties"]
+    console = open_console(admin_key(settings), "#/jobs")
+    page = console.page
+    expect(page.locator("#reconstruct-form")).to_have_attribute("data-defaults", "loaded")
+    for name in ("criterion", "k", "alpha", "seed", "samples", "max_new_tokens"):
+        expect(page.locator(f"#{name}")).to_have_value(_as_shown(properties[name].get("default")))
+
+    # α takes "auto", one value or one per direction; a field left empty is left to the API's default.
+    page.get_by_label("α", exact=True).fill("auto")
+    expect(page.locator("#alpha")).to_have_value("auto")
+    bodies = page.evaluate("""async () => {
+        const { parseAlpha, reconstructBody } = await import("./jobs.js");
+        const values = { source: "reference", reference_csv: "x.csv", rows: "0:4", criterion: "", k: "", alpha: "",
+                         seed: "", samples: "", max_new_tokens: "" };
+        return { alphas: [parseAlpha("auto"), parseAlpha(" AUTO "), parseAlpha("0.5"), parseAlpha("0.1, 0.2")],
+                 empty: reconstructBody(values),
+                 given: reconstructBody({ ...values, criterion: "delta", k: "8", alpha: "auto", seed: "3" }) };
+    }""")
+    assert bodies["alphas"] == ["auto", "auto", 0.5, [0.1, 0.2]]
+    assert bodies["empty"] == {"reference_csv": "x.csv", "rows": "0:4"}
+    assert bodies["given"] == {"reference_csv": "x.csv", "rows": "0:4", "criterion": "delta", "k": 8, "alpha": "auto",
+                               "seed": 3}
+
+    # Where the key comes from, in the key panel.
+    page.get_by_role("button", name="Change key").click()
+    where = page.locator("#key-where")
+    expect(where).to_contain_text("printed by eigenshift serve at first start")
+    expect(where).to_contain_text("kept in <data-dir>/api-key (default ~/.local/share/eigenshift/api-key)")
+    console.check_no_script_errors()

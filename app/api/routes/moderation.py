@@ -1,5 +1,6 @@
 """Moderation in other services' shapes: OpenAI's POST /v1/moderations and Perspective's
-POST /v1alpha1/comments:analyze, both on our scorers (the mapping is in `app.moderation`).
+POST /v1alpha1/comments:analyze, both on our scorers (the mapping is in `app.moderation`). Errors follow
+the shapes too: OpenAI's envelope on the first, problem+json on the second.
 
 Neither route logs or keeps the texts. Under Perspective's `doNotStore`, a scorer error is re-raised
 without its message or cause, since those may quote the text and the 500 handler logs the traceback.
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.auth import requires
 from app.api.deps import SettingsDep
-from app.api.errors import PROBLEM_JSON, Problem, problem
+from app.api.errors import OPENAI_ERROR_RESPONSES, PROBLEM_JSON, Problem, problem
 from app.moderation import category_scores, flag_categories, perspective_scores, toxicity_of
 from eigenshift_core.errors import InputError, unknown_name
 from eigenshift_core.scoring import WORD_PATTERN, Scorer, WordSpan, load_scorer
@@ -155,8 +156,7 @@ def _labels_and_spans(scorer: Scorer, texts: list[str]) -> tuple[list[dict[str, 
     return scorer.score_labels(texts), [scorer.attribute_words(text) for text in texts]
 
 
-@router.post("/v1/moderations", dependencies=[requires("score")],
-             responses={413: PROBLEM_RESPONSE, 422: PROBLEM_RESPONSE})
+@router.post("/v1/moderations", dependencies=[requires("score")], responses=OPENAI_ERROR_RESPONSES)
 async def create_moderation(body: ModerationRequest, settings: SettingsDep) -> ModerationResponse:
     """Classify texts in OpenAI's moderation shape, with P(toxic), raw labels and blamed words under `eigenshift`."""
     texts = [body.input] if isinstance(body.input, str) else body.input

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from app.api.auth import requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
-from app.api.errors import Problem
+from app.api.errors import OPENAI_ERROR_RESPONSES, Problem, openai_type
 from app.api.routes.generate import load_intervention
 from app.metrics import Metrics
 from app.openai_schemas import (
@@ -63,7 +63,7 @@ from workers.jobs import TooLarge
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], responses=OPENAI_ERROR_RESPONSES)
 
 DETOX_ALIAS = "detox"
 REPLACEMENT = "\ufffd"  # what decoding shows for a character whose bytes have not all arrived
@@ -320,8 +320,9 @@ def _stream(chunks: AsyncIterator[BaseModel], run: Run, metrics: Metrics) -> Str
             async for chunk in chunks:
                 yield f"data: {chunk.model_dump_json()}\n\n"
         except Exception as error:
-            message, kind, code = _stream_error(error)
-            yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': code}})}\n\n"
+            message, status, code = _stream_error(error)
+            envelope = {"message": message, "type": openai_type(status), "param": None, "code": code}
+            yield f"data: {json.dumps({'error': envelope})}\n\n"
             return
         finally:
             metrics.tokens.labels(str(run.applied.detox).lower()).inc(run.usage().completion_tokens)
@@ -330,13 +331,14 @@ def _stream(chunks: AsyncIterator[BaseModel], run: Run, metrics: Metrics) -> Str
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _stream_error(error: Exception) -> tuple[str, str, int]:
+def _stream_error(error: Exception) -> tuple[str, int, str]:
+    """(message, status it would have had, code) of an error once the stream has begun."""
     if isinstance(error, TimeoutError):
-        return "generation took longer than the request timeout", "generation-timeout", 504
+        return "generation took longer than the request timeout", 504, "generation_timeout"
     if isinstance(error, Busy):  # the queue filled between the check and the start
-        return str(error), "generation-queue-full", 503
+        return str(error), 503, "generation_queue_full"
     log.exception("a streamed generation failed", exc_info=error)
-    return "internal error; the server log has the details", "internal-error", 500
+    return "internal error; the server log has the details", 500, "internal_error"
 
 
 async def _chat_chunks(run: Run, batcher: Batcher, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
