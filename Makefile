@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint run intervention bench clean
+.PHONY: setup test lint browser run intervention bench clean
 
 setup: $(STAMP)
 
@@ -22,9 +22,15 @@ $(STAMP): pyproject.toml
 
 lint: setup
 	$(PY) -m ruff check eigenshift_core app workers tests benchmarks
-	$(PY) -m mypy app workers
+	$(PY) -m mypy eigenshift_core app workers
 
-test: setup lint
+# The web console's tests drive Debian's Chromium (/usr/bin/chromium) through Playwright; no browser download.
+browser:
+	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		{ echo "make test needs /usr/bin/chromium: sudo apt-get install chromium" >&2; exit 1; }
+
+test: setup lint browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 # Rebuild the committed default intervention for `embedded`: built on RTP rows 0-3999 (the reference step-2
@@ -46,8 +52,10 @@ intervention: setup
 # when none is configured.
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Prompt and text files that jobs name by `path` resolve under this directory (the README's examples use it).
+DATA_ROOT ?= $(abspath $(DATA))
 run: setup
-	HF_HUB_OFFLINE=1 $(PY) -m app.cli serve --host $(HOST) --port $(PORT)
+	HF_HUB_OFFLINE=1 EIGENSHIFT_DATA_ROOT=$${EIGENSHIFT_DATA_ROOT:-$(DATA_ROOT)} $(PY) -m app.cli serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ from app.api.routes import files, generate, health, interventions, jobs, moderat
 from app.metrics import Metrics
 from app.serving import GenerationOutput, ModelServer
 from app.ui import mount_ui
+from eigenshift_core import __version__
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
 from workers.job_service import JobService
@@ -83,7 +84,7 @@ def _limit_body(max_bytes: int) -> Callable[[Request, Callable[[Request], Awaita
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The application for `settings` (default: from EIGENSHIFT_* variables)."""
     settings = settings or get_settings()
-    app = FastAPI(title="EigenShift", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="EigenShift", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     errors.install(app, retry_after_s=settings.retry_after_s)

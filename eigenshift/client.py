@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib.metadata
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,10 @@ __all__ = [
     "RateLimitError", "ServerError", "ServiceUnavailableError", "sign", "verify_signature",
 ]
 
-VERSION = "0.1.0"
+try:  # the installed distribution's version: the one string lives in eigenshift_core/__init__.py
+    VERSION = importlib.metadata.version("eigenshift")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "unknown"
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (429, 503)
@@ -178,16 +182,17 @@ def _float(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class JobProgress:
-    """Where a running job is: its stage and `done` of `total` units (0 of 0 when unknown)."""
+    """Where a running job is: its stage and `done` of `total` `unit`s (0 of 0 when unknown)."""
 
     stage: str | None = None
     done: int = 0
     total: int = 0
+    unit: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> JobProgress:
         data = data or {}
-        return cls(data.get("stage"), int(data.get("done") or 0), int(data.get("total") or 0))
+        return cls(data.get("stage"), int(data.get("done") or 0), int(data.get("total") or 0), data.get("unit"))
 
 
 @dataclass(frozen=True)
@@ -404,17 +409,22 @@ def _destination(dest: str | os.PathLike[str], name: str) -> Path:
 
 
 class _Progress:
-    """A tqdm bar that follows a job's {stage, done, total}."""
+    """A tqdm bar that follows a job's {stage, done, total, unit}: one bar per stage, so its total, rate and
+    ETA are the stage's own."""
 
     def __init__(self, job: Job, enabled: bool) -> None:
         self.bar = tqdm(total=None, desc=f"job {job.id[:8]}", unit="it", disable=not enabled, leave=True)
+        self.stage: tuple[str | None, int] = (None, 0)
 
     def show(self, job: Job) -> None:
         p = job.progress
-        self.bar.set_description(f"job {job.id[:8]} {p.stage or job.state}", refresh=False)
-        if p.total and self.bar.total != p.total:
-            self.bar.reset(total=p.total)
-        self.bar.n = p.done
+        if (p.stage, p.total) != self.stage:  # a new stage: start its bar from where it is
+            self.stage = (p.stage, p.total)
+            self.bar.reset(total=p.total or None)
+            self.bar.unit = p.unit or "it"
+            self.bar.set_description(f"job {job.id[:8]} {p.stage or job.state}", refresh=False)
+        if p.done > self.bar.n:
+            self.bar.update(p.done - self.bar.n)  # update(), not n=: tqdm's rate and ETA come from updates
         self.bar.set_postfix_str(job.state, refresh=False)
         self.bar.refresh()
 
@@ -504,7 +514,7 @@ class Client(_Base):
     def submit_reconstruct(
         self, *, extract_job_id: str | None = None, prompts: Sequence[str] | Mapping[str, Any] | None = None,
         reference_csv: str | None = None, rows: str | None = None, criterion: str | None = None,
-        k: int | None = None, percentile: float | None = None, alpha: float | Sequence[float] | None = None,
+        k: int | None = None, percentile: float | None = None, alpha: float | Sequence[float] | str | None = None,
         model: str | None = None, seed: int | None = None, samples: int | None = None,
         max_new_tokens: int | None = None, top_p: float | None = None, temperature: float | None = None,
         batch_size: int | None = None, scorer: str | None = None, threshold: float | None = None,
@@ -634,7 +644,7 @@ class AsyncClient(_Base):
     async def submit_reconstruct(
         self, *, extract_job_id: str | None = None, prompts: Sequence[str] | Mapping[str, Any] | None = None,
         reference_csv: str | None = None, rows: str | None = None, criterion: str | None = None,
-        k: int | None = None, percentile: float | None = None, alpha: float | Sequence[float] | None = None,
+        k: int | None = None, percentile: float | None = None, alpha: float | Sequence[float] | str | None = None,
         model: str | None = None, seed: int | None = None, samples: int | None = None,
         max_new_tokens: int | None = None, top_p: float | None = None, temperature: float | None = None,
         batch_size: int | None = None, scorer: str | None = None, threshold: float | None = None,

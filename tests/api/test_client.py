@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -249,3 +250,18 @@ def test_the_async_client_does_the_same(live_server: str, settings: Settings, tm
             assert (await stranger.health()).status == "ok"  # /healthz needs no key
 
     asyncio.run(scenario())
+
+
+def test_the_wait_bar_has_the_stages_total_unit_and_an_eta() -> None:
+    from eigenshift.client import Job, JobProgress, _Progress
+
+    job = Job.from_json({"id": "0123456789", "kind": "pipeline", "state": "running"})
+    bar = _Progress(job, enabled=True)
+    for done in (0, 10, 20):
+        bar.show(replace(job, progress=JobProgress("evaluate: sampling", done, 40, "samples")))
+    assert bar.bar.total == 40 and bar.bar.n == 20 and bar.bar.unit == "samples"
+    line = str(bar.bar)
+    assert "evaluate: sampling" in line and "20/40" in line and "samples/s" in line and "<" in line  # elapsed<ETA
+    bar.show(replace(job, progress=JobProgress("evaluate: scoring", 0, 512, "texts")))  # a new stage, a new total
+    assert bar.bar.total == 512 and bar.bar.n == 0 and bar.bar.unit == "texts"
+    bar.close()

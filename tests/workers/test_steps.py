@@ -95,3 +95,14 @@ def test_a_cancel_stops_a_running_step_within_a_batch(settings: Settings) -> Non
     record = jobs.get(job_id)
     assert record.state == "cancelled" and record.progress.unit == "samples" and record.progress.total == 16
     assert record.progress.done <= cancelled_at[0] + 2  # at most one more batch of 2 ran after the request
+
+
+def test_the_committed_default_is_registered_with_its_reports_metrics(settings: Settings) -> None:
+    from workers.interventions import BUILTIN_ID, CORE_DEFAULT
+
+    registry = InterventionRegistry(connect(settings), open_store(settings), settings.key_prefix)
+    record = registry.register_builtin(None)
+    assert record is not None and record.id == BUILTIN_ID
+    committed = json.loads((CORE_DEFAULT / "report.json").read_text())
+    assert record.metrics == report_summary(committed) and record.metrics["toxicity_reduction"]["value"] > 0
+    assert registry.active_id("embedded") == BUILTIN_ID
