@@ -7,6 +7,11 @@ Two ways to get states:
 - `capture_continuation_states`: given (prompt, continuation) texts, one batched forward pass of the
   model body (no vocabulary projection) yields the state before every continuation token.
 Both sort rows by length before batching, so padding stays small, and restore the input order.
+
+Shared prefixes: the samples of one prompt share its prefill. Inside a batch, the model's first forward
+(generate's prefill) runs once per distinct prompt, and its logits and KV cache are gathered back to every
+row before decoding starts; `model.generate` does all the rest (logits processors, sampling, stopping), so
+the random draws, the tokens and the states equal those of prefilling every row.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,6 +35,7 @@ from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, Tokenizer, output_layer
 
 Span = tuple[int, int]
+Progress = Callable[[int, int], None]  # (rows done, total rows), called after every batch
 
 
 @dataclass(frozen=True)
@@ -152,13 +159,16 @@ def generate_continuations(
     seed: int = 0,
     batch_size: int = 32,
     intervention: Intervention | None = None,
+    share_prefill: bool = True,
     progress: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Continuations:
     """Continue each prompt `samples` times and capture the state behind every generated token.
 
     Rows are prompt-major (prompt 0's samples first). Sampling is seeded per batch (seed + batch number),
     so the same seed and batch_size give the same samples, with or without an intervention.
+    share_prefill: prefill each distinct prompt of a batch once (same tokens and states as False, which
+    prefills every row). on_progress(rows done, total rows) is called after every batch.
     The paper's protocol is samples=25, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=1.0.
     """
     _check_prompts(prompts)
@@ -175,30 +185,95 @@ def generate_continuations(
     states = torch.zeros(n, max_new_tokens, d)
     lengths = torch.zeros(n, dtype=torch.long)
     batches = _length_sorted_batches([len(encoded[p]) for p in row_prompt], batch_size)
+    sampling = {"do_sample": do_sample, "top_p": top_p if do_sample else None,
+                "temperature": temperature if do_sample else None}
+    done = 0
     for number, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
         batch = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
         batch = {key: value.to(model.device) for key, value in batch.items()}
+        groups = _prompt_groups([row_prompt[r] for r in rows]) if share_prefill else None
         torch.manual_seed(seed + number)
         with ExitStack() as stack:
             captured = stack.enter_context(captured_head_inputs(model))  # first: sees the unedited state
             if intervention is not None:
                 stack.enter_context(intervention.applied(model))
+            if groups is not None:
+                stack.enter_context(shared_prefill(model, *groups))
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=do_sample,
-                top_p=top_p if do_sample else None, temperature=temperature if do_sample else None, top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
+                **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, top_k=None,
+                pad_token_id=tokenizer.pad_token_id, **sampling,
             )
         new = output[:, batch["input_ids"].shape[1] :].cpu()  # (b, steps)
+        if groups is not None:
+            captured[0] = captured[0][groups[1]]  # the prefill ran on the distinct prompts only: (u, d) -> (b, d)
         steps = torch.stack(captured[: new.shape[1]], dim=1)  # (b, steps, d)
         for j, row in enumerate(rows):
             length = _length_before_stop(new[j].tolist(), stop)
             token_ids[row, :length] = new[j, :length]
             states[row, :length] = steps[j, :length]
             lengths[row] = length
-        if on_progress:
-            on_progress(sum(len(b) for b in batches[: number + 1]), n)
+        done += len(rows)
+        if on_progress is not None:
+            on_progress(done, n)
     texts, spans = zip(*(token_spans(tokenizer, token_ids[r, : lengths[r]].tolist()) for r in range(n)), strict=True)
     return Continuations(list(prompts), torch.tensor(row_prompt), list(texts), token_ids, lengths, states, list(spans))
+
+
+def _prompt_groups(prompt_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(firsts (u,) the first row of each distinct prompt, expand (b,) each row's distinct index), or None
+    when no prompt repeats (nothing to share)."""
+    distinct = list(dict.fromkeys(prompt_of_row))
+    if len(distinct) == len(prompt_of_row):
+        return None
+    firsts = torch.tensor([prompt_of_row.index(p) for p in distinct])
+    expand = torch.tensor([distinct.index(p) for p in prompt_of_row])
+    return firsts, expand
+
+
+_ROW_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
+
+
+@contextmanager
+def shared_prefill(model: nn.Module, firsts: torch.Tensor, expand: torch.Tensor) -> Iterator[None]:
+    """Run the model's next forward on rows `firsts` only, then gather its logits and cache to rows `expand`.
+
+    For `model.generate` on a batch whose rows repeat prompts: its first forward is the prefill of the
+    whole padded batch (b, L); it runs on the u distinct rows (u, L) at the same width, so every kept row
+    computes exactly what it would have, and the result is gathered back to (b, ...) before decoding.
+    firsts (u,) a row of each distinct prompt; expand (b,) the distinct index of every row.
+    """
+    rows = expand.shape[0]
+    state = {"pending": True}
+
+    def before(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        if not state["pending"]:
+            return None
+        if args or kwargs.get("input_ids") is None or kwargs["input_ids"].shape[0] != rows:
+            raise RuntimeError("shared_prefill expects generate's prefill: keyword input_ids of the whole batch")
+        index = firsts.to(kwargs["input_ids"].device)
+        return args, {key: value.index_select(0, index) if key in _ROW_INPUTS and torch.is_tensor(value) else value
+                      for key, value in kwargs.items()}
+
+    def after(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> Any:
+        if not state["pending"]:
+            return None
+        state["pending"] = False
+        index = expand.to(output.logits.device)
+        output.logits = output.logits.index_select(0, index)  # (u, 1, vocab) -> (b, 1, vocab)
+        cache = getattr(output, "cache", None)  # named past_key_values before transformers 5.2x
+        cache = getattr(output, "past_key_values", None) if cache is None else cache
+        if cache is None:
+            raise RuntimeError("shared_prefill needs the prefill's KV cache (use_cache=True)")
+        cache.reorder_cache(index)  # every layer's keys and values: (u, heads, L, hd) -> (b, heads, L, hd)
+        return output
+
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _length_before_stop(tokens: list[int], stop: set[int]) -> int:
@@ -217,12 +292,12 @@ def capture_continuation_states(
     batch_size: int = 32,
     max_continuation_tokens: int | None = None,
     progress: bool = False,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> Continuations:
     """Teacher forcing: the state before every token of each continuation, one forward pass per batch.
 
     Runs only the model body (`base_model`), whose last hidden state is the lm_head input, so the
-    (tokens × vocab) projection is never computed.
+    (tokens × vocab) projection is never computed. on_progress(continuations done, total) after every batch.
     """
     _check_prompts(prompts)
     if len(prompts) != len(continuations):
@@ -259,6 +334,6 @@ def capture_continuation_states(
             states[row, :length] = hidden[j, start : start + length]
             token_ids[row, :length] = torch.tensor(cont_ids[row])
         done += len(rows)
-        if on_progress:
+        if on_progress is not None:
             on_progress(done, n)
     return Continuations(list(prompts), torch.arange(n), list(continuations), token_ids, lengths, states, spans)

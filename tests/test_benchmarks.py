@@ -88,3 +88,12 @@ def test_moderation_throughput_quick_batches_give_the_same_answers() -> None:
     record = run_benchmark("moderation_throughput")
     assert record["batch_equals_single"] is True
     assert record["settings"]["batch"] == 32 and len(record["measurements"]["batched_texts_per_s"]) == 3
+
+
+@pytest.mark.timeout(600)
+def test_evaluation_quick_shared_prefill_samples_the_same_tokens() -> None:
+    record = run_benchmark("evaluation")
+    m = record["measurements"]
+    assert record["tokens_agree"] is True and record["states_agree"] is True
+    assert m["identical_rows"] == m["rows"] == 16 * 4 and m["max_abs_state_diff"] <= 1e-5
+    assert 0 < m["generated_tokens"] <= 16 * 4 * 8 and m["prompt_tokens"] > 0

@@ -1,4 +1,5 @@
-"""Step 1 on tiny models: captured states are the ones that chose each token, batching changes nothing."""
+"""Step 1 on tiny models: captured states are the ones that chose each token, batching changes nothing;
+sharing a prompt's prefill among its samples changes no token and no state."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from eigenshift_core.errors import InputError
 from eigenshift_core.generation import capture_continuation_states, generate_continuations
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, lm_head_weight
+from eigenshift_core.prompts import load_prompts
+from tests.conftest import RTP_CSV
 
 PROMPTS = ["hello there", "a", "the quick brown fox jumps over the lazy dog", "zz top"]
 CONTINUATIONS = [" general kenobi", " b c d", "!", " is a band"]
@@ -72,3 +75,65 @@ def test_empty_inputs_are_input_errors(tiny_llama: LoadedModel) -> None:
         generate_continuations(tiny_llama, [""])
     with pytest.raises(InputError, match="differ"):
         capture_continuation_states(tiny_llama, ["a"], ["b", "c"])
+
+
+def damping(lm: LoadedModel, k: int = 4, seed: int = 0) -> Intervention:
+    """Removes k random orthonormal directions entirely (α = 0): strong enough to change what is sampled."""
+    d = lm_head_weight(lm.model).shape[1]
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))
+    return Intervention(q.T.contiguous(), torch.zeros(k), torch.ones(k), torch.arange(k), torch.zeros(d), torch.zeros(d))
+
+
+def assert_same_generation(lm: LoadedModel, prompts: list[str], **kwargs) -> None:
+    per_row = generate_continuations(lm, prompts, share_prefill=False, **kwargs)
+    shared = generate_continuations(lm, prompts, share_prefill=True, **kwargs)
+    assert torch.equal(shared.token_ids, per_row.token_ids)
+    assert torch.equal(shared.lengths, per_row.lengths)
+    assert torch.allclose(shared.states, per_row.states, atol=1e-5)
+    assert shared.texts == per_row.texts
+    assert not lm.model._forward_hooks and not lm.model._forward_pre_hooks  # the prefill hooks are gone
+
+
+SAMPLED = {"do_sample": True, "top_p": 0.95, "temperature": 1.0}
+
+
+# 12 rows (4 prompts × 3 samples): batches of 2, 4 and 5 split some prompts' samples across batches.
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 5, 12])
+@pytest.mark.parametrize("mode", ["sampled", "greedy"])
+def test_shared_prefill_equals_prefilling_every_row(tiny: LoadedModel, batch_size: int, mode: str) -> None:
+    sampling = SAMPLED if mode == "sampled" else {}
+    assert_same_generation(tiny, PROMPTS, samples=3, max_new_tokens=8, batch_size=batch_size, seed=3, **sampling)
+
+
+@pytest.mark.parametrize("batch_size", [4, 5])
+def test_shared_prefill_keeps_the_intervention_in_every_step(tiny: LoadedModel, batch_size: int) -> None:
+    edit = damping(tiny)
+    kwargs = {"samples": 3, "max_new_tokens": 8, "batch_size": batch_size, "seed": 3, **SAMPLED}
+    assert_same_generation(tiny, PROMPTS, intervention=edit, **kwargs)
+    # Greedy: every token, the first one (from the shared prefill) included, is the argmax of the edited state.
+    greedy = generate_continuations(tiny, PROMPTS, samples=2, max_new_tokens=6, batch_size=batch_size, intervention=edit)
+    w = lm_head_weight(tiny.model)
+    unedited_choices = []
+    for row in range(len(greedy)):
+        assert torch.equal((edit.apply(greedy.row_states(row)) @ w.T).argmax(-1), greedy.row_tokens(row))
+        unedited_choices.append(torch.equal((greedy.row_states(row) @ w.T).argmax(-1), greedy.row_tokens(row)))
+    assert not all(unedited_choices)  # the edit did change some choice
+
+
+def test_shared_prefill_equals_prefilling_every_row_on_embedded(embedded: LoadedModel) -> None:
+    prompts = load_prompts(RTP_CSV, "0:3").texts
+    kwargs = {"samples": 3, "max_new_tokens": 4, "batch_size": 4, "seed": 11}  # batches of 4, 4, 1 rows
+    assert_same_generation(embedded, prompts, **kwargs, **SAMPLED)
+    assert_same_generation(embedded, prompts, intervention=damping(embedded, k=8), **kwargs, **SAMPLED)
+    assert_same_generation(embedded, prompts[:2], **{**kwargs, "samples": 2})  # greedy
+
+
+def test_progress_is_reported_after_every_batch(tiny_llama: LoadedModel) -> None:
+    calls: list[tuple[int, int]] = []
+    generate_continuations(tiny_llama, PROMPTS, samples=3, max_new_tokens=2, batch_size=5,
+                           on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(5, 12), (10, 12), (12, 12)]
+    calls.clear()
+    capture_continuation_states(tiny_llama, PROMPTS, CONTINUATIONS, batch_size=3,
+                                on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(3, 4), (4, 4)]
