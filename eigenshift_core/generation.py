@@ -127,13 +127,14 @@ def stop_token_ids(lm: LoadedModel) -> set[int]:
 
 def token_spans(tokenizer: Tokenizer, token_ids: Sequence[int]) -> tuple[str, list[Span]]:
     """Decode tokens and give each its character span in the decoded text (by incremental decoding)."""
+    ids = list(token_ids)
     spans: list[Span] = []
     previous = 0
-    for end in range(1, len(token_ids) + 1):
-        length = len(tokenizer.decode(token_ids[:end], skip_special_tokens=True))
+    for end in range(1, len(ids) + 1):
+        length = len(tokenizer.decode(ids[:end], skip_special_tokens=True))
         spans.append((previous, max(previous, length)))
         previous = max(previous, length)
-    return tokenizer.decode(token_ids, skip_special_tokens=True), spans
+    return str(tokenizer.decode(ids, skip_special_tokens=True)), spans
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -189,8 +190,8 @@ def generate_continuations(
                 "temperature": temperature if do_sample else None}
     done = 0
     for number, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
-        batch = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
-        batch = {key: value.to(model.device) for key, value in batch.items()}
+        padded = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
+        batch = {key: value.to(model.device) for key, value in padded.items()}
         groups = _prompt_groups([row_prompt[r] for r in rows]) if share_prefill else None
         torch.manual_seed(seed + number)
         with ExitStack() as stack:
@@ -199,7 +200,7 @@ def generate_continuations(
                 stack.enter_context(intervention.applied(model))
             if groups is not None:
                 stack.enter_context(shared_prefill(model, *groups))
-            output = model.generate(
+            output = model.generate(  # type: ignore[operator]  # transformers types generate oddly
                 **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, top_k=None,
                 pad_token_id=tokenizer.pad_token_id, **sampling,
             )
