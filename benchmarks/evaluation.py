@@ -8,7 +8,7 @@ row prefills its prompt), so only the prefill differs. ratio = per-row seconds /
 The prompts run in chunks, the two arms alternating which goes first, so drifting machine load hits both
 alike. The tokens must agree exactly and the states within 1e-5 (same seed, float32 on CPU).
 
---quick: 16 prompts × 4 samples × 8 tokens, batch 16.
+--quick: 8 prompts × 4 samples × 6 tokens, batch 16.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ NAME = "evaluation"
 TARGET = ">=2"
 STATE_TOLERANCE = 1e-5
 FULL = {"prompts": 128, "samples": 10, "max_new_tokens": 20, "batch_size": 32, "chunk_prompts": 32}
-QUICK = {"prompts": 16, "samples": 4, "max_new_tokens": 8, "batch_size": 16, "chunk_prompts": 8}
+QUICK = {"prompts": 8, "samples": 4, "max_new_tokens": 6, "batch_size": 16, "chunk_prompts": 8}
 SAMPLING = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "seed": 0}
 
 
