@@ -5,7 +5,8 @@ The API checks the URL when the job is submitted (`check_callback`); delivery ch
 resolving the host (`resolve_target`) and connects to the very address it checked. Hosts are read as a
 resolver would read them: `0x7f000001`, `2130706433`, `127.1` and `0177.0.0.1` are all 127.0.0.1
 (inet_aton), and an IPv6 address that carries an IPv4 one (IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible
-`::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) is judged as that IPv4 address.
+`::a.b.c.d`, NAT64 `64:ff9b::a.b.c.d`) is judged as that IPv4 address, and delivery connects to that
+IPv4 address itself.
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ def check_callback_url(url: str, allowlist: Allowlist) -> CallbackTarget:
     allowed = allowlist.allows_name(host) if address is None else allowlist.any_host or allowlist.listed(address)
     if not allowed or (judged is not None and not allowlist.allows_address(judged)):
         raise _refuse(f"host {host!r} is not an allowed callback host (webhook_allowed_hosts)")
-    if address is not None:
-        host = str(address)  # `127.1` is sent as 127.0.0.1: the Host header names what was checked
+    if address is not None:  # connect to what was checked: `127.1` and `[64:ff9b::7f00:1]` are 127.0.0.1
+        address = judged_address(address)
+        host = str(address)
     netloc = f"[{host}]" if address is not None and address.version == 6 else host
     default = SCHEMES[scheme]
     return CallbackTarget(scheme, host, port or default, urlunsplit(("", "", parts.path or "/", parts.query, "")),
@@ -190,4 +192,4 @@ def resolve_target(target: CallbackTarget, allowlist: Allowlist, resolve: Resolv
     refused = [str(a) for a in addresses if not allowlist.allows_address(a)]
     if not addresses or refused:
         raise Refused(f"{target.host!r} resolves to {', '.join(refused) or 'nothing'}, not an allowed address")
-    return addresses[0]
+    return judged_address(addresses[0])  # an IPv4 address inside IPv6 was judged as IPv4: connect to that

@@ -131,8 +131,8 @@ def test_numeric_and_embedded_ipv4_hosts_are_judged_as_their_address(host: str, 
     assert refused_field(f"http://{host}:8080/hook", ["*", "::/0"]) == "callback_url"  # judged as IPv4
     assert refused_field(f"http://{host}:8080/hook", [address]) is None
     target = check_callback_url(f"http://{host}:8080/hook", Allowlist.parse([address]))
-    assert target.address is not None and str(resolve_target(target, Allowlist.parse([address]))) in (
-        address, str(target.address))  # delivery connects to the address checked, never a fresh lookup
+    assert target.host == str(target.address) == address  # the host as checked: the IPv4 address itself
+    assert str(resolve_target(target, Allowlist.parse([address]), lambda host, port: pytest.fail("no lookup"))) == address
 
 
 @pytest.mark.parametrize("host", ["1.2.3.4.5", "08", "0x", "127.0.0.256", "0x1ffffffff", "1e3", "127.0.0.1a"])
@@ -201,6 +201,8 @@ def test_the_resolved_addresses_are_checked_again() -> None:
     for embedded in ("64:ff9b::7f00:1", "::127.0.0.1", "::ffff:10.0.0.5"):  # IPv4 inside IPv6, from DNS
         with pytest.raises(Refused):
             resolve_target(target, Allowlist.parse(["*"]), lambda host, port, answer=embedded: [answer])
+    listed = Allowlist.parse(["hooks.example.com", "10.0.0.0/8"])  # allowed as 10.0.0.5, so connected as 10.0.0.5
+    assert str(resolve_target(target, listed, lambda host, port: ["64:ff9b::a00:5"])) == "10.0.0.5"
 
 
 # -- signatures and the secret ---------------------------------------------------------------------------
