@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from app.api import errors
-from app.api.auth import KeyRing
+from app.api.auth import KeyRing, has_valid_key
 from app.api.routes import files, generate, health, interventions, jobs, moderation, openai_compat, score
+from app.bodies import BodyGuard
 from app.metrics import Metrics
 from app.serving import GenerationOutput, ModelServer
 from app.ui import mount_ui
@@ -71,14 +72,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await server.batcher.stop()
 
 
-def _limit_body(max_bytes: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    async def limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_bytes):
-            return errors.error_response(request, 413, f"request body is over max_body_bytes={max_bytes} bytes")
-        return await call_next(request)
+class QuerylessAccessLog(logging.Filter):
+    """uvicorn's access lines without their query strings: `GET /generate?prompt=…` would log the prompt."""
 
-    return limit
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn logs (client address, method, path with query, HTTP version, status)
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].partition("?")[0] + "?[query masked]", *args[3:])
+        return True
+
+
+def mask_access_log_queries() -> None:
+    """Install `QuerylessAccessLog` on uvicorn's access logger, once (uvicorn's logging config keeps it)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuerylessAccessLog) for f in access.filters):
+        access.addFilter(QuerylessAccessLog())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -88,8 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics = Metrics()
     errors.install(app, retry_after_s=settings.retry_after_s)
-    app.middleware("http")(_limit_body(settings.max_body_bytes))
-    app.middleware("http")(metrics.middleware)
+    mask_access_log_queries()
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, authenticated=has_valid_key)
+    app.middleware("http")(metrics.middleware)  # added last: outermost, so it counts the refusals too
     for router in (jobs.router, interventions.router, generate.router, score.router, moderation.router,
                    openai_compat.router, files.router, health.router):
         app.include_router(router, responses=errors.PROBLEM_RESPONSES)

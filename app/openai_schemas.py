@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from app.schemas import UnicodeText
+
 FinishReason = Literal["stop", "length"]
 StopString = Annotated[str, Field(min_length=1, max_length=200)]
 INTERVENTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -20,7 +22,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="end the stream with a chunk holding the usage")
 
 
-class CompletionParams(BaseModel):
+class CompletionParams(UnicodeText):
     """What chat and text completions share: the model, sampling, stop strings, streaming, detox."""
 
     model_config = ConfigDict(extra="ignore")
@@ -77,7 +79,8 @@ class ChatCompletionCreate(CompletionParams):
 class CompletionCreate(CompletionParams):
     """Body of POST /v1/completions."""
 
-    prompt: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] = Field(
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                            Field(min_length=1)] = Field(
         ..., description="a prompt, or several (each gets n choices)")
 
     def prompts(self) -> list[str]:

@@ -15,13 +15,16 @@ from collections.abc import Sequence
 import torch
 
 CANDIDATES = 1024
+MIN_TEMPERATURE = 1e-4  # below it, logits / T overflows float32 (NaN probabilities): such rows are greedy
 
 
 def _nucleus_pick(sorted_probs: torch.Tensor, top_p: float, uniform: float) -> int:
     """Index into `sorted_probs` (descending, (m,); any order when top_p ≥ 1) of the token that the
     uniform draw selects within the nucleus: the smallest prefix whose mass reaches top_p."""
     cumulative = sorted_probs.cumsum(0)
-    size = len(sorted_probs) if top_p >= 1.0 else int((cumulative - sorted_probs < top_p).sum())  # ≥ 1
+    # The top token is always in the nucleus, however small top_p is (in float32 a tiny top_p rounds to 0,
+    # which would leave the nucleus empty and index -1 pick the last candidate).
+    size = len(sorted_probs) if top_p >= 1.0 else max(1, int((cumulative - sorted_probs < top_p).sum()))
     threshold = uniform * float(cumulative[size - 1])
     return min(int(torch.searchsorted(cumulative[:size], torch.tensor([threshold]), right=True)), size - 1)
 
@@ -29,10 +32,11 @@ def _nucleus_pick(sorted_probs: torch.Tensor, top_p: float, uniform: float) -> i
 def sample_next_tokens(
     logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float], generators: Sequence[torch.Generator]
 ) -> list[int]:
-    """One token per row of `logits` (rows, vocab) float32: argmax where temperature is 0, else nucleus."""
+    """One token per row of `logits` (rows, vocab) float32: argmax where temperature is below
+    `MIN_TEMPERATURE` (0 is greedy), else nucleus."""
     rows = logits.shape[0]
     tokens = logits.argmax(-1).tolist()
-    sampled = [r for r in range(rows) if temperatures[r] > 0]
+    sampled = [r for r in range(rows) if temperatures[r] >= MIN_TEMPERATURE]
     if not sampled:
         return tokens
     index = torch.tensor(sampled)

@@ -3,32 +3,63 @@ in the `JobCreate` / `JobPublic` / `JobsPublic` families."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from workers.jobs import JobError, JobRecord, JobState, Progress, WebhookDelivery
 from workers.specs import EvaluateSpec, ExtractSpec, GenerateSpec, PipelineSpec, ReconstructSpec
 
+SURROGATE = re.compile("[\ud800-\udfff]")
 
-class GenerateJobCreate(GenerateSpec):
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where in a decoded JSON value (`[2].text`, `` for the value itself) a string holds a lone surrogate.
+    JSON may spell one (`"\\ud800"`) and Python decodes it, but no UTF-8 text holds it: left in, it breaks
+    the tokenizer, the job record and the answer's own encoding."""
+    if isinstance(value, str):
+        return path if SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and SURROGATE.search(key):
+            return f"{path}.<key>"
+        found = lone_surrogate_at(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
+class UnicodeText(BaseModel):
+    """Mixed into request bodies: every field's text must be valid Unicode (422 naming the field otherwise)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, value: Any, info: ValidationInfo) -> Any:
+        where = lone_surrogate_at(value)
+        if where is not None:
+            raise ValueError(f"{info.field_name}{where} holds a lone UTF-16 surrogate: text must be valid Unicode")
+        return value
+
+
+class GenerateJobCreate(GenerateSpec, UnicodeText):
     """Body of POST /jobs/generate."""
 
 
-class ExtractJobCreate(ExtractSpec):
+class ExtractJobCreate(ExtractSpec, UnicodeText):
     """Body of POST /jobs/extract."""
 
 
-class ReconstructJobCreate(ReconstructSpec):
+class ReconstructJobCreate(ReconstructSpec, UnicodeText):
     """Body of POST /jobs/reconstruct: an extract job's id, or a prompt source (generate → extract → reconstruct)."""
 
 
-class EvaluateJobCreate(EvaluateSpec):
+class EvaluateJobCreate(EvaluateSpec, UnicodeText):
     """Body of POST /jobs/evaluate."""
 
 
-class PipelineJobCreate(PipelineSpec):
+class PipelineJobCreate(PipelineSpec, UnicodeText):
     """Body of POST /jobs/pipeline."""
 
 
@@ -100,7 +131,7 @@ class InterventionsPublic(BaseModel):
     count: int
 
 
-class GenerateItem(BaseModel):
+class GenerateItem(UnicodeText):
     """One prompt of POST /generate."""
 
     model_config = ConfigDict(extra="forbid")
@@ -141,7 +172,7 @@ class GenerationsPublic(BaseModel):
     data: list[Generation]
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(UnicodeText):
     model_config = ConfigDict(extra="forbid")
 
     texts: list[str] = Field(..., min_length=1)

@@ -205,6 +205,16 @@ class Batcher:
                 self.on_batch(outputs)
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """The positions the model can attend to, from its config; None when the config names none."""
+    config = getattr(lm.model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class ModelServer:
     """The one model of this process, its interventions (loaded once each) and the batcher in front of it."""
 
@@ -216,6 +226,15 @@ class ModelServer:
         self._interventions: dict[str, Intervention] = {}
         self.batcher = Batcher(lambda requests: decode_batch(lm, requests), max_size=max_size, window_s=window_s,
                                on_batch=on_batch, max_waiting=max_waiting)
+
+    def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Each prompt's length in tokens, as `decode_batch` encodes it."""
+        return [len(self.lm.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+
+    def prompt_token_limit(self, max_new_tokens: int, max_prompt_tokens: int) -> int:
+        """The longest prompt allowed: `max_prompt_tokens`, and room left in the context for the new tokens."""
+        context = context_length(self.lm)
+        return max_prompt_tokens if context is None else min(max_prompt_tokens, context - max_new_tokens)
 
     def intervention(self, intervention_id: str) -> Intervention:
         """The intervention with this id, checked against the served lm_head once and kept."""

@@ -14,7 +14,6 @@ from datetime import datetime, timedelta
 
 from workers.jobs import JobError, JobNotFound, JobRecord, JobStore, now
 from workers.store import ArtifactStore
-from workers.webhooks import queue_notification
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -31,8 +30,11 @@ def reap_expired(jobs: JobStore, store: ArtifactStore, *, retention_s: float,
     return expired
 
 
-def requeue_lost(jobs: JobStore, enqueue: Callable[[JobRecord], None], *, max_attempts: int) -> dict[str, str]:
-    """Requeue or fail each job whose step lost its worker; {job id: "requeued" | "failed" | "cancelled"}."""
+def requeue_lost(jobs: JobStore, enqueue: Callable[[JobRecord], None], notify: Callable[[str], object], *,
+                 max_attempts: int) -> dict[str, str]:
+    """Requeue or fail each job whose step lost its worker; {job id: "requeued" | "failed" | "cancelled"}.
+    `enqueue` queues a requeued job's remaining steps; `notify` queues the webhook of a job that ended here
+    (the worker passes `workers.celery_app`'s functions, so this module imports no queue)."""
     outcomes: dict[str, str] = {}
     for job_id in jobs.in_flight_without_lease():
         outcome: str | None = None
@@ -61,7 +63,7 @@ def requeue_lost(jobs: JobStore, enqueue: Callable[[JobRecord], None], *, max_at
         if record is not None and outcome == "requeued":
             enqueue(record)
         elif outcome is not None:
-            queue_notification(jobs, job_id)
+            notify(job_id)
         if outcome is not None:
             outcomes[job_id] = outcome
     return outcomes

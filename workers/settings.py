@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0, description="how long the first request waits for company")
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_prompt_chars: int = Field(4000, ge=1)
+    max_prompt_tokens: int = Field(2048, ge=1, description="tokens in one prompt of /generate and the OpenAI routes "
+                                                           "(and never past the model's context less max_new_tokens)")
     max_job_prompts: int = Field(20_000, ge=1)
     max_generate_batch: int = Field(64, ge=1, description="prompts in one POST /generate or texts in POST /score")
     max_new_tokens_limit: int = Field(256, ge=1)

@@ -6,7 +6,7 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from workers import steps, webhooks
-from workers.celery_app import app
+from workers.celery_app import NOTIFY_TASK, app
 from workers.jobs import JobNotFound, JobStore, connect
 from workers.runner import RUNNING_ELSEWHERE, StepFunction
 from workers.runner import run_step as run_step_of_job
@@ -46,7 +46,7 @@ def evaluate(job_id: str) -> str:
     return run_step(job_id, "evaluate", steps.evaluate)
 
 
-@app.task(name=webhooks.NOTIFY_TASK, bind=True, max_retries=None)
+@app.task(name=NOTIFY_TASK, bind=True, max_retries=None)
 def notify(self: Task, job_id: str, delivery_id: str) -> str:
     """POST finished job `job_id`'s signed record to its callback_url; retried with exponential backoff."""
     settings = get_settings()

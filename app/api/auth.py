@@ -18,6 +18,7 @@ import redis
 from fastapi import Depends, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope as AsgiScope
 
 from app.api.errors import Problem
 from workers.settings import ApiKeySpec, Scope, Settings
@@ -92,6 +93,19 @@ class KeyRing:
             if hmac.compare_digest(stored, wanted):
                 found = principal
         return found
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer <key>` header value, as HTTPBearer reads it; None otherwise."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+def has_valid_key(scope: AsgiScope, authorization: str | None) -> bool:
+    """Whether a request of the app in `scope` carries a configured key (scopes and rates are the route's)."""
+    keys: KeyRing | None = getattr(scope["app"].state, "keys", None)
+    key = bearer_key(authorization)
+    return keys is not None and key is not None and keys.lookup(key) is not None
 
 
 def _take_token(client: redis.Redis, bucket: str, rate: float, burst: int) -> float:

@@ -7,6 +7,7 @@ No handler ever returns a traceback; unexpected errors are logged and answered 5
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any
@@ -98,6 +99,15 @@ class Problem(Exception):
         self.status, self.detail, self.field, self.slug, self.headers = status, detail, field, slug, headers
 
 
+class ProblemResponse(JSONResponse):
+    """problem+json, ASCII-escaped: a detail that quotes the request (a lone surrogate included) always encodes."""
+
+    media_type = PROBLEM_JSON
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def problem(status: int, detail: str, *, field: str | None = None, slug: str | None = None,
             headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
     title = TITLES.get(status, "Error")
@@ -106,7 +116,7 @@ def problem(status: int, detail: str, *, field: str | None = None, slug: str | N
     if field is not None:
         body["field"] = field
     body.update(extra or {})
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return ProblemResponse(body, status_code=status, headers=headers)
 
 
 def openai_error(status: int, detail: str, *, field: str | None = None, slug: str | None = None,
@@ -126,11 +136,18 @@ def error_response(request: Request, status: int, detail: str, *, field: str | N
 
 
 TYPE_TAG = re.compile(r"^(float|int|str|bool|list|dict|none)$|[\[\]-]")  # union branches pydantic names in `loc`
+MAX_ERRORS = 20  # field errors listed in one answer: a body of 50,000 bad items must not come back 50,000 times
+MAX_PART_CHARS = 64  # of one `loc` part: a dict key is the client's text
 
 
 def _field(location: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
-    return ".".join(p for p in parts if not TYPE_TAG.search(p)) or "body"
+    return ".".join(shorten(p) for p in parts if not TYPE_TAG.search(p)) or "body"
+
+
+def shorten(text: str, limit: int = MAX_PART_CHARS) -> str:
+    """`text`, cut to `limit` characters (with an ellipsis) when longer: what an error may quote of a request."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def install(app: FastAPI, *, retry_after_s: int) -> None:
@@ -139,7 +156,7 @@ def install(app: FastAPI, *, retry_after_s: int) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in error.errors()]
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in error.errors()[:MAX_ERRORS]]
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}
         return error_response(request, 422, f"{first['field']}: {first['message']}", field=first["field"],
                               extra={"errors": errors})

@@ -39,3 +39,20 @@ def test_temperature_zero_is_argmax_and_rows_are_independent() -> None:
     assert mixed[0] == int(logits[0].argmax()) and mixed[2] == int(logits[2].argmax())
     alone = sample_next_tokens(logits[1:2], [1.0], [0.9], [torch.Generator().manual_seed(2)])
     assert alone[0] == mixed[1]  # a row's token depends on its own seed, not on its neighbours
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 5e-5])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    tokens = sample_next_tokens(logits, [temperature] * 4, [1.0, 0.9, 1.0, 0.5],
+                                [torch.Generator().manual_seed(s) for s in range(4)])
+    assert tokens == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-50, 1e-12])
+@pytest.mark.parametrize("candidates", [1024, 2])
+def test_a_tiny_top_p_keeps_only_the_top_token(monkeypatch: pytest.MonkeyPatch, top_p: float, candidates: int) -> None:
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    logits = torch.randn(8, 2000, generator=torch.Generator().manual_seed(4))
+    tokens = sample_next_tokens(logits, [1.0] * 8, [top_p] * 8, [torch.Generator().manual_seed(s) for s in range(8)])
+    assert tokens == logits.argmax(-1).tolist()

@@ -61,22 +61,24 @@ def test_a_lost_step_is_requeued_then_fails_after_max_attempts(worker_settings: 
     job_id = _in_flight(jobs, ["extract", "reconstruct"])
     jobs.update(job_id, lambda r: r.steps_done.append("extract"))
     queued: list[list[str]] = []
+    notified: list[str] = []
 
     def enqueue(record: JobRecord) -> None:
         queued.append([s for s in record.steps if s not in record.steps_done])
 
     _expire()
-    assert requeue_lost(jobs, enqueue, max_attempts=2) == {job_id: "requeued"}
+    assert requeue_lost(jobs, enqueue, notified.append, max_attempts=2) == {job_id: "requeued"}
     record = jobs.get(job_id)
-    assert record.state == "queued" and record.worker_losses == 1 and queued == [["reconstruct"]]
-    assert requeue_lost(jobs, enqueue, max_attempts=2) == {}  # once handled, never twice
+    assert record.state == "queued" and record.worker_losses == 1 and queued == [["reconstruct"]] and not notified
+    assert requeue_lost(jobs, enqueue, notified.append, max_attempts=2) == {}  # once handled, never twice
 
     assert jobs.claim(job_id, "second-worker", 0.05)  # the requeued step starts and its worker dies too
     jobs.update(job_id, lambda r: setattr(r, "state", "running"))
     _expire()
-    assert requeue_lost(jobs, enqueue, max_attempts=2) == {job_id: "failed"}
+    assert requeue_lost(jobs, enqueue, notified.append, max_attempts=2) == {job_id: "failed"}
     record = jobs.get(job_id)
     assert record.state == "failed" and record.finished_at is not None and len(queued) == 1
+    assert notified == [job_id]  # the job ended here: its webhook is queued
     assert record.error is not None and record.error.type == "WorkerLost" and "2 times" in record.error.message
     assert jobs.in_flight_without_lease() == []
 
@@ -89,8 +91,9 @@ def test_live_leases_finished_jobs_and_cancels(worker_settings: Settings) -> Non
     cancelled = _in_flight(jobs, ["generate"])
     jobs.update(cancelled, lambda r: setattr(r, "cancel_requested", True))
     _expire()
-    outcomes = requeue_lost(jobs, lambda record: pytest.fail("nothing is requeued"), max_attempts=3)
-    assert outcomes == {cancelled: "cancelled"}
+    notified: list[str] = []
+    outcomes = requeue_lost(jobs, lambda record: pytest.fail("nothing is requeued"), notified.append, max_attempts=3)
+    assert outcomes == {cancelled: "cancelled"} and notified == [cancelled]
     assert jobs.get(alive).state == "running" and jobs.get(finished).state == "succeeded"
     assert jobs.get(cancelled).state == "cancelled"
     assert jobs.in_flight_without_lease() == []  # the finished one left the set without changing

@@ -17,11 +17,12 @@ import eigenshift
 import eigenshift.client
 from eigenshift.signing import sign, verify_signature
 from eigenshift_core.errors import InputError
-from workers import webhooks
+from workers import celery_app, webhooks
+from workers.callbacks import Allowlist, Refused, check_callback_url, resolve_target
 from workers.jobs import JobRecord, JobStore, connect
 from workers.runner import StepContext, StepResult, run_step
 from workers.settings import Settings
-from workers.webhooks import Allowlist, Refused, check_callback_url, deliver, resolve_target
+from workers.webhooks import deliver
 
 PUBLIC_V4, PUBLIC_V6 = "93.184.216.34", "2606:4700::1111"
 
@@ -115,6 +116,39 @@ def test_non_global_addresses_are_refused_unless_listed(host: str) -> None:
     assert refused_field(f"http://{host}:8080/hook", ["*", "0.0.0.0/0", "::/0"]) is None
 
 
+@pytest.mark.parametrize(("host", "address"), [
+    ("0x7f000001", "127.0.0.1"), ("2130706433", "127.0.0.1"), ("127.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"),
+    ("0", "0.0.0.0"), ("0x7f.1", "127.0.0.1"), ("10.0x1.0377", "10.1.0.255"), ("012.0.0.1", "10.0.0.1"),
+    ("0xA9.254.169.254", "169.254.169.254"), ("3232235777", "192.168.1.1"),
+    ("[64:ff9b::7f00:1]", "127.0.0.1"), ("[64:ff9b::a9fe:a9fe]", "169.254.169.254"),
+    ("[::ffff:127.0.0.1]", "127.0.0.1"), ("[::ffff:7f00:1]", "127.0.0.1"), ("[::127.0.0.1]", "127.0.0.1"),
+    ("[::10.0.0.1]", "10.0.0.1"),
+])
+def test_numeric_and_embedded_ipv4_hosts_are_judged_as_their_address(host: str, address: str) -> None:
+    """Every spelling a resolver reads as an internal IPv4 address is refused at submit, even under `*`, and
+    passes exactly where that address is listed."""
+    assert refused_field(f"http://{host}:8080/hook", ["*"]) == "callback_url"
+    assert refused_field(f"http://{host}:8080/hook", ["*", "::/0"]) == "callback_url"  # judged as IPv4
+    assert refused_field(f"http://{host}:8080/hook", [address]) is None
+    target = check_callback_url(f"http://{host}:8080/hook", Allowlist.parse([address]))
+    assert target.host == str(target.address) == address  # the host as checked: the IPv4 address itself
+    assert str(resolve_target(target, Allowlist.parse([address]), lambda host, port: pytest.fail("no lookup"))) == address
+
+
+@pytest.mark.parametrize("host", ["1.2.3.4.5", "08", "0x", "127.0.0.256", "0x1ffffffff", "1e3", "127.0.0.1a"])
+def test_names_that_are_no_address_stay_names(host: str) -> None:
+    from workers.callbacks import inet_aton, parse_address
+
+    assert (host == "0x") == (inet_aton(host) is not None)  # glibc reads a bare `0x` as 0
+    assert parse_address(host) is None or host == "0x"
+
+
+def test_public_addresses_in_any_spelling_pass() -> None:
+    assert refused_field("http://0x5db8d822/hook", ["*"]) is None  # 93.184.216.34
+    assert refused_field("http://[::ffff:93.184.216.34]/hook", ["*"]) is None
+    assert refused_field("http://[::1]/hook", ["::1"]) is None  # IPv6 loopback is no IPv4-compatible address
+
+
 def test_listed_networks_allow_exactly_their_addresses() -> None:
     assert refused_field("http://127.0.0.1:8123/hook", ["127.0.0.1"]) is None
     assert refused_field("http://127.0.0.2:8123/hook", ["127.0.0.1"]) == "callback_url"
@@ -164,8 +198,11 @@ def test_the_resolved_addresses_are_checked_again() -> None:
             resolve_target(target, allowed, lambda host, port, answer=answer: answer)
     internal = Allowlist.parse(["hooks.example.com", "10.0.0.0/8"])
     assert str(resolve_target(target, internal, lambda host, port: ["10.0.0.5"])) == "10.0.0.5"
-    with pytest.raises(Refused):  # a decimal spelling of 127.0.0.1 passes as a "name"; its address does not
-        resolve_target(check_callback_url("http://2130706433/x", Allowlist.parse(["*"])), Allowlist.parse(["*"]))
+    for embedded in ("64:ff9b::7f00:1", "::127.0.0.1", "::ffff:10.0.0.5"):  # IPv4 inside IPv6, from DNS
+        with pytest.raises(Refused):
+            resolve_target(target, Allowlist.parse(["*"]), lambda host, port, answer=embedded: [answer])
+    listed = Allowlist.parse(["hooks.example.com", "10.0.0.0/8"])  # allowed as 10.0.0.5, so connected as 10.0.0.5
+    assert str(resolve_target(target, listed, lambda host, port: ["64:ff9b::a00:5"])) == "10.0.0.5"
 
 
 # -- signatures and the secret ---------------------------------------------------------------------------
@@ -321,25 +358,25 @@ def test_a_finished_job_with_a_callback_is_queued_once(jobs: JobStore) -> None:
         sent.append((job_id, delivery_id))
 
     job_id = finished_job(jobs, "http://127.0.0.1:1/x")
-    delivery_id = webhooks.queue_notification(jobs, job_id, send)
-    assert webhooks.queue_notification(jobs, job_id, send) is None  # a redelivered task queues nothing more
+    delivery_id = celery_app.queue_notification(jobs, job_id, send)
+    assert celery_app.queue_notification(jobs, job_id, send) is None  # a redelivered task queues nothing more
     assert sent == [(job_id, delivery_id)]
-    assert webhooks.queue_notification(jobs, finished_job(jobs, None), send) is None
+    assert celery_app.queue_notification(jobs, finished_job(jobs, None), send) is None
     running, _ = jobs.create("generate", {"callback_url": "http://127.0.0.1:1/x"}, ["generate"])
-    assert webhooks.queue_notification(jobs, running.id, send) is None and len(sent) == 1
+    assert celery_app.queue_notification(jobs, running.id, send) is None and len(sent) == 1
 
     def broken(job_id: str, delivery_id: str) -> None:
         raise ConnectionError("broker away")
 
     other = finished_job(jobs, "http://127.0.0.1:1/x")
-    assert webhooks.queue_notification(jobs, other, broken) is None  # logged, never raised
-    assert webhooks.queue_notification(jobs, other, send) is not None  # and a later transition tries again
+    assert celery_app.queue_notification(jobs, other, broken) is None  # logged, never raised
+    assert celery_app.queue_notification(jobs, other, send) is not None  # and a later transition tries again
 
 
 @pytest.fixture
 def queued(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     sent: list[str] = []
-    monkeypatch.setattr(webhooks, "_send_notify", lambda job_id, delivery_id: sent.append(job_id))
+    monkeypatch.setattr(celery_app, "send_notification", lambda job_id, delivery_id: sent.append(job_id))
     yield sent
 
 
@@ -363,4 +400,4 @@ def test_the_runner_queues_the_webhook_when_a_job_ends(hook_settings: Settings, 
 def test_the_notify_task_is_registered_under_its_name() -> None:
     from workers.tasks import notify
 
-    assert notify.name == webhooks.NOTIFY_TASK == "eigenshift.notify"
+    assert notify.name == celery_app.NOTIFY_TASK == "eigenshift.notify"

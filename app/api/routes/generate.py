@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -19,12 +20,27 @@ from eigenshift_core.intervention import Intervention
 from eigenshift_core.scoring import load_scorer
 from workers.interventions import InterventionNotFound
 from workers.jobs import TooLarge
+from workers.settings import Settings
 
 router = APIRouter(prefix="/generate", tags=["generate"])
 
 
+async def check_prompt_tokens(server: ModelServer, prompts: Sequence[str], max_new_tokens: Sequence[int],
+                              settings: Settings, fields: Sequence[str]) -> list[int]:
+    """Each prompt's length in tokens; a 413 naming its field when one is over `max_prompt_tokens` or leaves
+    the model's context no room for its `max_new_tokens`. Checked before anything is queued."""
+    counts = await run_in_threadpool(server.prompt_tokens, prompts)
+    for count, new_tokens, field in zip(counts, max_new_tokens, fields, strict=True):
+        limit = server.prompt_token_limit(new_tokens, settings.max_prompt_tokens)
+        if count > limit:
+            raise Problem(413, f"{field} is {count} tokens, over the limit of {limit} (max_prompt_tokens="
+                               f"{settings.max_prompt_tokens}, and room in the model's context for {new_tokens} "
+                               "new tokens)", field=field, slug="prompt-too-long")
+    return counts
+
+
 async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDep, service: ServiceDep,
-                    server: ServerDep, metrics: MetricsDep) -> GenerationsPublic:
+                    server: ServerDep, metrics: MetricsDep, fields: Sequence[str]) -> GenerationsPublic:
     if len(items) > settings.max_generate_batch:
         raise TooLarge(f"{len(items)} prompts in one request; max_generate_batch={settings.max_generate_batch}")
     for item in items:
@@ -32,6 +48,8 @@ async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDe
             raise TooLarge(f"a prompt is longer than max_prompt_chars={settings.max_prompt_chars} characters")
         if item.max_new_tokens > settings.max_new_tokens_limit:
             raise InputError(f"max_new_tokens is over max_new_tokens_limit={settings.max_new_tokens_limit}", field="max_new_tokens")
+    await check_prompt_tokens(server, [item.prompt for item in items], [item.max_new_tokens for item in items],
+                              settings, fields)
     chosen = [await run_in_threadpool(_intervention_id, item, settings.model, service) for item in items]
     resolved: dict[str, Intervention] = {}
     for intervention_id in {i for i in chosen if i is not None}:
@@ -87,11 +105,12 @@ async def generate_text(
     """Continue one prompt, detoxified or not."""
     item = GenerateItem(prompt=prompt, detox=detox, intervention=intervention, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed)
-    return await _generate([item], score, settings, service, server, metrics)
+    return await _generate([item], score, settings, service, server, metrics, ["prompt"])
 
 
 @router.post("", dependencies=[requires("generate")])
 async def generate_batch(body: GenerateBatch, settings: SettingsDep, service: ServiceDep, server: ServerDep,
                          metrics: MetricsDep) -> GenerationsPublic:
     """Continue several prompts, each with its own detox setting and sampling."""
-    return await _generate(body.items, body.score, settings, service, server, metrics)
+    return await _generate(body.items, body.score, settings, service, server, metrics,
+                           [f"items.{i}.prompt" for i in range(len(body.items))])

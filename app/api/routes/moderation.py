@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.auth import requires
 from app.api.deps import SettingsDep
-from app.api.errors import OPENAI_ERROR_RESPONSES, PROBLEM_JSON, Problem, problem
+from app.api.errors import OPENAI_ERROR_RESPONSES, PROBLEM_JSON, Problem, problem, shorten
 from app.moderation import category_scores, flag_categories, perspective_scores, toxicity_of
+from app.schemas import UnicodeText
 from eigenshift_core.errors import InputError, unknown_name
 from eigenshift_core.scoring import WORD_PATTERN, Scorer, WordSpan, load_scorer
 from workers.jobs import TooLarge
@@ -28,9 +29,11 @@ from workers.settings import Settings
 
 router = APIRouter(tags=["moderation"])
 PROBLEM_RESPONSE: dict[str, Any] = {"content": {PROBLEM_JSON: {}}}
+MAX_ATTRIBUTES = 32  # Perspective has fewer than 20; a refusal names at most MAX_UNSERVED_SHOWN of them
+MAX_UNSERVED_SHOWN = 5
 
 
-class ModerationRequest(BaseModel):
+class ModerationRequest(UnicodeText):
     """Body of POST /v1/moderations (OpenAI's shape; text inputs only)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,13 +93,13 @@ class AttributeParameters(BaseModel):
     scoreThreshold: float | None = Field(None, ge=0, le=1, description="leave the attribute out below this")
 
 
-class AnalyzeCommentRequest(BaseModel):
+class AnalyzeCommentRequest(UnicodeText):
     """Body of POST /v1alpha1/comments:analyze (Perspective's shape)."""
 
     model_config = ConfigDict(extra="forbid")
 
     comment: PerspectiveComment
-    requestedAttributes: dict[str, AttributeParameters] = Field(..., min_length=1)
+    requestedAttributes: dict[str, AttributeParameters] = Field(..., min_length=1, max_length=MAX_ATTRIBUTES)
     languages: list[str] = Field(default_factory=list, description="English only: the scorers' language")
     doNotStore: bool = Field(False, description="nothing here stores texts; this also keeps errors text-free")
     spanAnnotations: bool = Field(False, description="score every word of the comment on its own")
@@ -201,9 +204,10 @@ def _score_labels(scorer: Scorer, texts: list[str], private: bool) -> list[dict[
 
 
 def _unserved(requested: Sequence[str], served: Sequence[str], scorer: str) -> JSONResponse:
-    errors = [{"field": f"requestedAttributes.{name}",
-               "message": f"attribute {name!r} is not served by scorer {scorer!r}; served: {', '.join(served)}"}
-              for name in requested]
+    """400 naming the first few attributes the scorer does not serve (never all: the names are the client's)."""
+    errors = [{"field": f"requestedAttributes.{shorten(name)}",
+               "message": f"attribute {shorten(name)!r} is not served by scorer {scorer!r}; served: {', '.join(served)}"}
+              for name in requested[:MAX_UNSERVED_SHOWN]]
     return problem(400, errors[0]["message"], field=errors[0]["field"], slug="attribute-not-served",
                    extra={"errors": errors})
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from app.api.auth import requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import OPENAI_ERROR_RESPONSES, Problem, openai_type
-from app.api.routes.generate import load_intervention
+from app.api.routes.generate import check_prompt_tokens, load_intervention
 from app.metrics import Metrics
 from app.openai_schemas import (
     Applied,
@@ -279,12 +279,14 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> str:
         raise InputError(f"the chat template refused these messages: {error}", field="messages") from None
 
 
-async def _plan(kind: str, prompts: list[str], body: CompletionParams, max_tokens: int, settings: Settings,
-                service: JobService, server: ModelServer) -> Run:
+async def _plan(kind: str, prompts: list[str], fields: list[str], body: CompletionParams, max_tokens: int,
+                settings: Settings, service: JobService, server: ModelServer) -> Run:
+    """The request as rows; `fields` name each prompt's field for a refusal."""
     rows = len(prompts) * body.n
     if rows > settings.max_generate_batch:
         raise TooLarge(f"{rows} choices ({len(prompts)} prompts, n={body.n}) in one request; "
                        f"max_generate_batch={settings.max_generate_batch}")
+    counts = await check_prompt_tokens(server, prompts, [max_tokens] * len(prompts), settings, fields)
     intervention_id = await run_in_threadpool(_intervention_id, body, settings.model, service)
     intervention = await run_in_threadpool(load_intervention, server, intervention_id) if intervention_id else None
     seed = body.seed if body.seed is not None else random.randrange(2**31)
@@ -292,7 +294,7 @@ async def _plan(kind: str, prompts: list[str], body: CompletionParams, max_token
     rows_prompts = [prompt for prompt in prompts for _ in range(body.n)]
     requests = [GenerationRequest(prompt, max_tokens, body.temperature, body.top_p, (seed + row) % 2**31, intervention)
                 for row, prompt in enumerate(rows_prompts)]
-    prompt_tokens = sum(len(tokenizer(prompt)["input_ids"]) for prompt in prompts)  # as decode_batch encodes them
+    prompt_tokens = sum(counts)  # as decode_batch encodes them
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     return Run(f"{kind}-{uuid.uuid4().hex}", int(time.time()), body.model, requests,
                [ChoiceText(tokenizer, body.stop_strings()) for _ in requests], prompt_tokens,
@@ -379,7 +381,7 @@ async def create_chat_completion(body: ChatCompletionCreate, settings: SettingsD
     max_tokens = _token_budget(body.max_completion_tokens or body.max_tokens, budget_name,
                                settings.max_new_tokens_limit, settings)
     prompt = chat_prompt(server.lm.tokenizer, body.messages)
-    run = await _plan("chatcmpl", [prompt], body, max_tokens, settings, service, server)
+    run = await _plan("chatcmpl", [prompt], ["messages"], body, max_tokens, settings, service, server)
     if body.stream:
         server.batcher.check_room(len(run.requests))  # a full queue is a 503 before the stream begins
         return _stream(_chat_chunks(run, server.batcher, body.include_usage()), run, metrics)
@@ -399,7 +401,8 @@ async def create_completion(body: CompletionCreate, settings: SettingsDep, servi
     for prompt in prompts:
         _check_prompt_chars(len(prompt), settings)
     max_tokens = _token_budget(body.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, settings)
-    run = await _plan("cmpl", prompts, body, max_tokens, settings, service, server)
+    fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt.{i}" for i in range(len(prompts))]
+    run = await _plan("cmpl", prompts, fields, body, max_tokens, settings, service, server)
     if body.stream:
         server.batcher.check_room(len(run.requests))
         return _stream(_completion_chunks(run, server.batcher, body.include_usage()), run, metrics)
