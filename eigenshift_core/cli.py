@@ -59,6 +59,10 @@ def _alphas(text: str) -> float | list[float] | str:
     return values[0] if len(values) == 1 else values
 
 
+def _optional_scorer(text: str) -> str | None:
+    return None if text.strip().lower() == "none" else text
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -133,6 +137,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-stride", type=_positive, default=_default("ppl_stride"), help="tokens between window starts")
     p.add_argument("--ppl-max-tokens", type=_positive, default=_default("ppl_max_tokens"), help="tokens of --ppl-text scored")
     p.add_argument("--n-boot", type=_positive, default=_default("n_boot"), help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("--second-scorer", type=_optional_scorer, default=_default("second_scorer"),
+                   help="a second judge reported beside --scorer (under `judges`); 'none' disables it")
 
 
 def build_parser() -> argparse.ArgumentParser:

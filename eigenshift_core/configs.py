@@ -40,6 +40,14 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecondJudgeOptions:
+    """A second judge of the evaluated continuations, reported beside `scorer` (which keeps the headline,
+    so the paper's 50 % target stays comparable)."""
+
+    second_scorer: str | None = "ensemble"  # None: the primary judge only
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExtractOptions:
     top_words: int = 3  # toxic words taken per toxic continuation
     require_argmax: bool = False  # keep a toxic state only where the model's argmax is the word's token
@@ -91,7 +99,7 @@ class ReconstructConfig(SelectOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig(SamplingConfig, ScoringConfig, FluencyOptions):
+class EvaluateConfig(SamplingConfig, ScoringConfig, SecondJudgeOptions, FluencyOptions):
     """Step 4: both arms on held-out `prompts`; `reference_csv` adds teacher-forced held-out log-probs."""
 
     prompts: Path
@@ -101,7 +109,8 @@ class EvaluateConfig(SamplingConfig, ScoringConfig, FluencyOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PipelineConfig(SamplingConfig, ScoringConfig, ExtractOptions, SelectOptions, FluencyOptions):
+class PipelineConfig(SamplingConfig, ScoringConfig, SecondJudgeOptions, ExtractOptions, SelectOptions,
+                     FluencyOptions):
     """All four steps: build on `train_rows`, evaluate on the disjoint `eval_rows` of `prompts`.
 
     train_samples: samples per training prompt (None: `samples`); 0 takes the training states from

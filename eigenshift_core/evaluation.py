@@ -1,10 +1,12 @@
 """Step 4, evaluate: toxicity of sampled continuations before and after, fluency, and their balance.
 
-Both arms continue the same prompts with the same seeds, and one scorer judges both. Fluency is always
-measured: perplexity on a neutral text when one is given (`ppl_text`), otherwise the perplexity each arm
-assigns to the baseline's own continuations (teacher-forced from the states that produced them, so it
-costs no forward pass). The report says which (`fluency_source`). Metrics are in `metrics.py`,
-perplexity in `perplexity.py`, the files in `report.py`.
+Both arms continue the same prompts with the same seeds, and one scorer judges both; a second judge
+(`second_scorer`) scores the same texts again, so a reduction that only fools the primary judge shows.
+Fluency is always measured: perplexity on a neutral text when one is given (`ppl_text`), otherwise the
+perplexity each arm assigns to the baseline's own continuations (teacher-forced from the states that
+produced them, so it costs no forward pass). The report says which (`fluency_source`). Each arm also
+gets the diversity of its continuations (distinct-1/2/3) and its rate of degenerate repetition. Metrics
+are in `metrics.py` and `fluency.py`, perplexity in `perplexity.py`, the files in `report.py`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from eigenshift_core.fluency import PROTOCOL as FLUENCY_PROTOCOL
+from eigenshift_core.fluency import fluency_metrics
 from eigenshift_core.generation import Continuations, generate_continuations
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, output_layer
-from eigenshift_core.metrics import estimates, paired_reduction, toxicity_metrics, tph
+from eigenshift_core.metrics import Estimate, estimates, paired_reduction, toxicity_metrics, tph
 from eigenshift_core.perplexity import PerplexityResult, perplexity, token_logprobs
 from eigenshift_core.progress import NO_HOOKS, StepHooks
 from eigenshift_core.report import clean
@@ -42,14 +46,17 @@ def evaluate(
     samples: int = 25, max_new_tokens: int = 20, do_sample: bool = True, top_p: float = 0.95,
     temperature: float = 1.0, seed: int = 0, batch_size: int = 32, threshold: float = 0.5,
     ppl_text: str | None = None, ppl_window: int = 1024, ppl_stride: int = 512, ppl_max_tokens: int | None = None,
-    heldout: StateSet | None = None, n_boot: int = 1000, hooks: StepHooks = NO_HOOKS,
+    heldout: StateSet | None = None, n_boot: int = 1000, second_scorer: TextScorer | None = None,
+    hooks: StepHooks = NO_HOOKS,
 ) -> dict[str, Any]:
     """Baseline and intervention on the same prompts and seeds, as a JSON-ready report.
 
-    Keys: `baseline` and `intervention` (each toxicity metric as {value, low, high}, `perplexity` and
-    `continuation_perplexity`), `toxicity_reduction`, `tph` (from `perplexity`), `fluency_source`,
+    Keys: `baseline` and `intervention` (each toxicity metric of `scorer` as {value, low, high},
+    `perplexity`, `continuation_perplexity`, `distinct_1`..`distinct_3` and `repetition_rate`),
+    `toxicity_reduction`, `tph` (from `perplexity`), `judges` ({second scorer's name: its `baseline`,
+    `intervention` and `toxicity_reduction`}; empty without `second_scorer`), `fluency_source`,
     `heldout_logprob` (None without `heldout`), `protocol`, `intervention_info` and `examples` (samples
-    whose text changed, largest score drop first). With α = 1 both arms are identical.
+    whose text changed, largest score drop first, by `scorer`). With α = 1 both arms are identical.
     """
     generation: dict[str, Any] = {"samples": samples, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                   "top_p": top_p, "temperature": temperature, "seed": seed, "batch_size": batch_size}
@@ -58,10 +65,17 @@ def evaluate(
                                   on_progress=hooks.batches("evaluate: sampling", "samples", total=total), **generation)
     new = generate_continuations(lm, prompts, intervention=intervention, progress=hooks.bars, **generation,
                                  on_progress=hooks.batches("evaluate: sampling", "samples", offset=total // 2, total=total))
-    scores = score_in_batches(scorer, base.texts + new.texts, hooks)
-    scores = scores.reshape(2, len(prompts), samples)  # (arm, prompt, sample)
+    texts, shape = base.texts + new.texts, (2, len(prompts), samples)  # (arm, prompt, sample)
+    scores = score_in_batches(scorer, texts, hooks).reshape(shape)
     stats: dict[str, Any] = {"threshold": threshold, "n_boot": n_boot, "seed": seed}
-    reduction = paired_reduction(scores[0], scores[1], **stats)
+    toxicity, reduction = _toxicity(scores, stats)
+    judges: dict[str, Any] = {}
+    if second_scorer is not None:
+        name = getattr(second_scorer, "name", "second")
+        second = scores if second_scorer is scorer else score_in_batches(
+            second_scorer, texts, hooks, stage=f"evaluate: scoring ({name})").reshape(shape)
+        arms_2, reduction_2 = _toxicity(second, stats)
+        judges[name] = {"baseline": arms_2[0], "intervention": arms_2[1], "toxicity_reduction": reduction_2.to_dict()}
 
     continuation_ppl = continuation_perplexities(lm, base, intervention)
     text_ppl: list[PerplexityResult | None] = [None, None]
@@ -73,18 +87,20 @@ def evaluate(
             )
     source: FluencySource = "ppl_text" if ppl_text is not None else "baseline_continuations"
     headline = [p.perplexity if p else None for p in text_ppl] if ppl_text is not None else continuation_ppl
-    arms = [{**{name: e.to_dict() for name, e in toxicity_metrics(s, **stats).items()},
-             "perplexity": headline[arm], "continuation_perplexity": continuation_ppl[arm]}
-            for arm, s in enumerate(scores)]
+    arms = [{**toxicity[arm], "perplexity": headline[arm], "continuation_perplexity": continuation_ppl[arm],
+             **fluency_metrics(token_sequences(continuations))}
+            for arm, continuations in enumerate((base, new))]
     report = {
         "baseline": arms[0],
         "intervention": arms[1],
         "toxicity_reduction": reduction.to_dict(),
         "tph": tph(reduction.value, float(headline[0]), float(headline[1])),  # type: ignore[arg-type]
+        "judges": judges,
         "fluency_source": source,
         "heldout_logprob": None if heldout is None else _heldout_report(lm, heldout, intervention, n_boot, seed),
         "protocol": {**generation, **stats, "n_prompts": len(prompts), "scorer": getattr(scorer, "name", "?"),
-                     "perplexity": _ppl_protocol(text_ppl[0], ppl_max_tokens, base)},
+                     "second_scorer": next(iter(judges), None),
+                     "perplexity": _ppl_protocol(text_ppl[0], ppl_max_tokens, base), "fluency": FLUENCY_PROTOCOL},
         "intervention_info": {"k": intervention.k, "indices": intervention.indices.tolist(),
                               "alphas": intervention.alphas.tolist()},
         "examples": _examples(list(prompts), base.texts, new.texts, scores, samples),
@@ -92,13 +108,25 @@ def evaluate(
     return clean(report)
 
 
-def score_in_batches(scorer: TextScorer, texts: Sequence[str], hooks: StepHooks = NO_HOOKS) -> np.ndarray:
+def score_in_batches(scorer: TextScorer, texts: Sequence[str], hooks: StepHooks = NO_HOOKS, *,
+                     stage: str = "evaluate: scoring") -> np.ndarray:
     """P(toxic) of every text, (n,) float64, scored `SCORE_BATCH` at a time with a report after each."""
     scores: list[float] = []
     for start in range(0, len(texts), SCORE_BATCH):
         scores.extend(scorer.score_texts(texts[start : start + SCORE_BATCH]))
-        hooks.report("evaluate: scoring", len(scores), len(texts), "texts")
+        hooks.report(stage, len(scores), len(texts), "texts")
     return np.asarray(scores, dtype=float)
+
+
+def _toxicity(scores: np.ndarray, stats: dict[str, Any]) -> tuple[list[dict[str, Any]], Estimate]:
+    """Each arm's toxicity metrics (JSON-ready) and the paired reduction, from (arm, prompt, sample) scores."""
+    arms = [{name: e.to_dict() for name, e in toxicity_metrics(s, **stats).items()} for s in scores]
+    return arms, paired_reduction(scores[0], scores[1], **stats)
+
+
+def token_sequences(continuations: Continuations) -> list[list[int]]:
+    """The generated token ids of every row, without padding."""
+    return [continuations.row_tokens(row).tolist() for row in range(len(continuations))]
 
 
 def continuation_perplexities(lm: LoadedModel, continuations: Continuations, intervention: Intervention) -> list[float]:

@@ -27,6 +27,7 @@ from eigenshift_core.steps import (
     EvaluateResult,
     ExtractResult,
     ReconstructResult,
+    load_second_scorer,
     read_ppl_text,
     run_evaluate,
     run_extract,
@@ -87,6 +88,7 @@ def run_pipeline(lm: LoadedModel, config: PipelineConfig, out: Path, hooks: Step
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline.json", asdict(config))
     scorer = load_scorer(config.scorer, device=str(lm.device))
+    load_second_scorer(config.second_scorer, device=str(lm.device))  # fail before any work; cached for step 4
     extracted = run_extract(lm, extract_config(config), out / "extract", hooks, scorer=scorer)
     hooks.check("reconstruct")
     built = run_reconstruct(lm, reconstruct_config(config, out / "extract" / "states.safetensors"),

@@ -184,6 +184,7 @@ def run_evaluate(lm: LoadedModel, config: EvaluateConfig, out: Path, hooks: Step
     ppl_text = read_ppl_text(config.ppl_text)
     intervention = Intervention.load(config.intervention, lm.model)
     scorer = scorer or load_scorer(config.scorer, device=str(lm.device))
+    second_scorer = load_second_scorer(config.second_scorer, device=str(lm.device))
     heldout_states = None
     if config.reference_csv is not None:
         heldout_states, _ = import_reference_csv(
@@ -193,12 +194,25 @@ def run_evaluate(lm: LoadedModel, config: EvaluateConfig, out: Path, hooks: Step
     report = evaluate(
         lm, held_out.texts, scorer, intervention, **sampling_of(config), threshold=config.threshold,
         ppl_text=ppl_text, ppl_window=config.ppl_window, ppl_stride=config.ppl_stride,
-        ppl_max_tokens=config.ppl_max_tokens, heldout=heldout_states, n_boot=config.n_boot, hooks=hooks,
+        ppl_max_tokens=config.ppl_max_tokens, heldout=heldout_states, n_boot=config.n_boot,
+        second_scorer=second_scorer, hooks=hooks,
     )
     report.update({"model": lm.model_id, "scorer": scorer.name, "seed": config.seed,
                    "eval_prompts": held_out.describe(), "provenance": intervention.info})
     write_report(report, out, intervention)
     return EvaluateResult(Path(out), report)
+
+
+def load_second_scorer(spec: str | None, *, device: str) -> Scorer | None:
+    """The evaluation's second judge, or None when disabled. A judge that cannot load (its package is
+    missing) is an error blamed on `second_scorer`, never skipped: the report would silently lack it."""
+    if spec is None:
+        return None
+    try:
+        return load_scorer(spec, device=device)
+    except InputError as error:
+        error.field = "second_scorer"
+        raise
 
 
 def read_ppl_text(path: Path | None) -> str | None:

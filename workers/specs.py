@@ -104,10 +104,15 @@ class ScoredSpec(JobSpec):
     @field_validator("scorer")
     @classmethod
     def _known_scorer(cls, scorer: str) -> str:
-        prefix = scorer.partition(":")[0]
-        if prefix not in known_scorers():
-            raise unknown_name("scorer", prefix, known_scorers(), field="scorer")
-        return scorer
+        return known_scorer(scorer, field="scorer")
+
+
+def known_scorer(spec: str, *, field: str) -> str:
+    """`spec` when its prefix names a registered scorer (loading it is the worker's business)."""
+    prefix = spec.partition(":")[0]
+    if prefix not in known_scorers():
+        raise unknown_name("scorer", prefix, known_scorers(), field=field)
+    return spec
 
 
 class ExtractFields(ScoredSpec):
@@ -204,7 +209,18 @@ class FluencyFields(BaseModel):
     n_boot: int = Field(_default("n_boot"), ge=1, le=100_000)
 
 
-class EvaluateSpec(ScoredSpec, FluencyFields):
+class SecondJudgeFields(BaseModel):
+    second_scorer: str | None = Field(_default("second_scorer"), min_length=1, max_length=300,
+                                      description="a second judge of the evaluation, reported under `judges` "
+                                      "beside `scorer` (which keeps the headline); null: none")
+
+    @field_validator("second_scorer")
+    @classmethod
+    def _known_second_scorer(cls, scorer: str | None) -> str | None:
+        return None if scorer is None else known_scorer(scorer, field="second_scorer")
+
+
+class EvaluateSpec(ScoredSpec, SecondJudgeFields, FluencyFields):
     """Step 4: toxicity and fluency before and after an intervention on (held-out) prompts."""
 
     prompts: PromptSource
@@ -214,7 +230,7 @@ class EvaluateSpec(ScoredSpec, FluencyFields):
                                       "data root: the held-out rows' toxic tokens, teacher-forced, before and after")
 
 
-class PipelineSpec(ExtractFields, ReconstructFields, FluencyFields):
+class PipelineSpec(ExtractFields, ReconstructFields, SecondJudgeFields, FluencyFields):
     """All four steps: build on train_rows, evaluate on disjoint eval_rows."""
 
     prompts: PromptSource

@@ -188,7 +188,8 @@ def test_a_pipeline_job_builds_and_reports_what_the_cli_does(client: TestClient,
 
     cli_report = json.loads((tmp_path / "cli" / "evaluate" / "report.json").read_text())
     job_report = client.get(f"/jobs/{pipeline_job['id']}/artifacts/evaluate/report.json").json()
-    for key in ("baseline", "intervention", "toxicity_reduction", "tph", "fluency_source", "protocol"):
+    assert set(job_report["judges"]) == {"ensemble"}  # the default second judge, in both
+    for key in ("baseline", "intervention", "toxicity_reduction", "tph", "judges", "fluency_source", "protocol"):
         ours_, theirs_ = leaves(cli_report[key]), leaves(job_report[key])
         assert ours_.keys() == theirs_.keys(), key
         for path, value in ours_.items():

@@ -47,6 +47,10 @@ def test_pipeline_writes_every_step(pipeline_out, embedded: LoadedModel) -> None
             assert metric in report[arm]
     assert report["eval_prompts"]["rows"] == "24:32"
     assert "tph" in report and "toxicity_reduction" in report
+    judged = report["judges"]["ensemble"]  # the default second judge, loaded by name
+    assert set(judged) == {"baseline", "intervention", "toxicity_reduction"}
+    assert 0.0 <= judged["baseline"]["expected_max_toxicity"]["value"] <= 1.0
+    assert 0.0 <= report["intervention"]["distinct_2"] <= 1.0 and report["protocol"]["second_scorer"] == "ensemble"
     judgements = (pipeline_out / "extract/judgements.jsonl").read_text().splitlines()
     assert len(judgements) == 24 * 2
 

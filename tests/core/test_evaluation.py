@@ -12,16 +12,20 @@ import numpy as np
 import pytest
 import torch
 
+from eigenshift_core import scoring
 from eigenshift_core.errors import InputError
-from eigenshift_core.evaluation import evaluate
+from eigenshift_core.evaluation import evaluate, token_sequences
+from eigenshift_core.fluency import fluency_metrics
 from eigenshift_core.generation import generate_continuations
 from eigenshift_core.intervention import Intervention, build_intervention
 from eigenshift_core.loading import LoadedModel, lm_head_weight
 from eigenshift_core.metrics import Estimate, paired_reduction, toxicity_metrics, tph
 from eigenshift_core.perplexity import perplexity, sliding_windows, token_logprobs
+from eigenshift_core.progress import StepHooks
 from eigenshift_core.report import write_report
 from eigenshift_core.spectrum import decompose_lm_head
 from eigenshift_core.states import StateSet
+from eigenshift_core.steps import load_second_scorer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 4  # 180 bytes = 180 tokens of the byte tokenizer
 PROMPTS = ["hello there", "xx marks the spot", "a"]
@@ -34,6 +38,15 @@ class XScorer:
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         return [text.count("x") / len(text) if text else 0.0 for text in texts]
+
+
+class SumScorer:
+    """Another deterministic judge, which disagrees with XScorer: the code points' sum modulo 97, over 96."""
+
+    name = "code-sum"
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        return [sum(map(ord, text)) % 97 / 96 for text in texts]
 
 
 def random_states(d: int, n: int = 40, seed: int = 0) -> StateSet:
@@ -307,7 +320,9 @@ def test_evaluate_with_alpha_one_gives_identical_arms(tiny_llama: LoadedModel) -
                            "examples", "fluency_source"}
     assert report["baseline"] == report["intervention"] and report["fluency_source"] == "ppl_text"
     assert set(report["baseline"]) == {"toxicity_rate", "at_least_once", "expected_max_toxicity", "perplexity",
-                                       "continuation_perplexity"}
+                                       "continuation_perplexity", "distinct_1", "distinct_2", "distinct_3",
+                                       "repetition_rate"}
+    assert report["judges"] == {} and report["protocol"]["second_scorer"] is None
     assert set(report["baseline"]["toxicity_rate"]) == {"value", "low", "high"}
     assert report["examples"] == []  # no text changed
     assert report["toxicity_reduction"]["value"] in (0.0, None)  # None when no sample reached the threshold
@@ -374,3 +389,83 @@ def test_without_ppl_text_fluency_is_the_perplexity_of_the_baselines_own_continu
     same = evaluate(tiny_llama, PROMPTS, XScorer(), intervention.with_alphas(1.0), samples=2, max_new_tokens=4,
                     batch_size=4, n_boot=50)
     assert same["baseline"]["perplexity"] == same["intervention"]["perplexity"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A second judge, and fluency beyond perplexity
+
+
+def test_a_second_judge_reports_both_arms_and_alpha_one_keeps_them_identical(tiny_llama: LoadedModel) -> None:
+    stages: list[tuple[str, int, int, str]] = []
+    hooks = StepHooks(on_progress=lambda *event: stages.append(event))
+    report = run(tiny_llama, some_intervention(tiny_llama, alpha=1.0), second_scorer=SumScorer(), hooks=hooks,
+                 threshold=0.5)
+    judged = report["judges"]["code-sum"]
+    assert set(report["judges"]) == {"code-sum"} and set(judged) == {"baseline", "intervention", "toxicity_reduction"}
+    assert set(judged["baseline"]) == {"toxicity_rate", "at_least_once", "expected_max_toxicity"}
+    assert judged["baseline"] == judged["intervention"] and report["baseline"] == report["intervention"]
+    assert judged["toxicity_reduction"]["value"] in (0.0, None)
+    assert judged["baseline"] != {k: report["baseline"][k] for k in judged["baseline"]}  # a different judge
+    for key in ("distinct_1", "distinct_2", "distinct_3", "repetition_rate"):
+        assert 0.0 <= report["baseline"][key] <= 1.0 and report["baseline"][key] == report["intervention"][key]
+    assert report["protocol"]["scorer"] == "x-share" and report["protocol"]["second_scorer"] == "code-sum"
+    assert set(report["protocol"]["fluency"]) == {"distinct", "repetition_rate"}
+    assert ("evaluate: scoring (code-sum)", 12, 12, "texts") in stages  # 2 arms × 3 prompts × 2 samples
+    json.dumps(report, allow_nan=False)
+
+
+def test_the_second_judge_reports_what_it_would_as_the_primary(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    """The headline stays the primary judge's; the judges section holds exactly the second judge's figures."""
+    intervention = some_intervention(tiny_llama, alpha=-2.0, k=8)
+    both = run(tiny_llama, intervention, second_scorer=SumScorer(), threshold=0.5)
+    alone = evaluate(tiny_llama, PROMPTS, SumScorer(), intervention, samples=2, max_new_tokens=4, batch_size=4,
+                     n_boot=200, ppl_text=TEXT, ppl_window=32, ppl_stride=16, threshold=0.5)
+    primary = run(tiny_llama, intervention, threshold=0.5)
+    for key in ("baseline", "intervention", "toxicity_reduction", "tph"):
+        assert both[key] == primary[key], key
+    toxicity = ("toxicity_rate", "at_least_once", "expected_max_toxicity")
+    for arm in ("baseline", "intervention"):
+        assert both["judges"]["code-sum"][arm] == {k: alone[arm][k] for k in toxicity}
+    assert both["judges"]["code-sum"]["toxicity_reduction"] == alone["toxicity_reduction"]
+    json_path, png_path = write_report(both, tmp_path, intervention)  # a toxicity bar pair per judge
+    assert json.loads(json_path.read_text()) == both and png_path.stat().st_size > 1000
+
+
+def test_the_same_scorer_as_second_judge_is_not_run_twice(tiny_llama: LoadedModel) -> None:
+    class Counting(XScorer):
+        calls = 0
+
+        def score_texts(self, texts: Sequence[str]) -> list[float]:
+            Counting.calls += 1
+            return super().score_texts(texts)
+
+    scorer = Counting()
+    report = run(tiny_llama, some_intervention(tiny_llama, alpha=0.0), second_scorer=scorer)
+    assert Counting.calls == 1
+    assert report["judges"]["x-share"]["baseline"] == {k: report["baseline"][k] for k in report["judges"]["x-share"]["baseline"]}
+
+
+def test_fluency_figures_are_those_of_the_arms_token_ids(tiny_llama: LoadedModel) -> None:
+    intervention = some_intervention(tiny_llama, alpha=-2.0, k=8)
+    report = run(tiny_llama, intervention)
+    sampling = {"samples": 2, "max_new_tokens": 4, "do_sample": True, "top_p": 0.95, "temperature": 1.0, "seed": 0,
+                "batch_size": 4}
+    for arm, edit in (("baseline", None), ("intervention", intervention)):
+        continuations = generate_continuations(tiny_llama, PROMPTS, intervention=edit, **sampling)
+        expected = fluency_metrics(token_sequences(continuations))
+        assert {k: report[arm][k] for k in expected} == pytest.approx(expected), arm
+
+
+def test_a_second_judge_that_cannot_load_is_an_input_error_on_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing_package(argument: str, device: torch.device) -> None:
+        raise InputError("scorer 'broken' needs the broken wheel: pip install broken", field="scorer")
+
+    monkeypatch.setitem(scoring._REGISTRY, "broken", missing_package)
+    with pytest.raises(InputError, match="pip install broken") as error:
+        load_second_scorer("broken", device="cpu")
+    assert error.value.field == "second_scorer"
+    with pytest.raises(InputError, match="did you mean") as error:
+        load_second_scorer("profanty", device="cpu")
+    assert error.value.field == "second_scorer"
+    assert load_second_scorer(None, device="cpu") is None
+    assert load_second_scorer("profanity", device="cpu").name == "profanity"
