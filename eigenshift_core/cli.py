@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scorer(p)
     _add_evaluate(p)
     p.add_argument("--intervention", type=Path, required=True, help="intervention directory")
+    p.add_argument("--reference-csv", type=Path, default=None, help="a step-2 CSV whose --rows are the held-out "
+                   "prompts': their toxic and ordinary tokens' log-probabilities, teacher-forced, before and after")
 
     p = sub.add_parser("export", help="write a HF model with the rebuilt head, or a PEFT LoRA adapter")
     _add_model(p)
@@ -248,7 +250,7 @@ def run_reconstruct(args: argparse.Namespace) -> Path:
 def run_evaluate(args: argparse.Namespace) -> Path:
     from eigenshift_core.steps import run_evaluate as evaluate
 
-    config = _config(EvaluateConfig, args, reference_csv=None)
+    config = _config(EvaluateConfig, args)
     return evaluate(_load(args), config, args.out, _hooks()).out
 
 
