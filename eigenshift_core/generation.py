@@ -261,7 +261,7 @@ def shared_prefill(model: nn.Module, firsts: torch.Tensor, expand: torch.Tensor)
         state["pending"] = False
         index = expand.to(output.logits.device)
         output.logits = output.logits.index_select(0, index)  # (u, 1, vocab) -> (b, 1, vocab)
-        cache = getattr(output, "cache", None)  # named past_key_values before transformers 5.2x
+        cache = getattr(output, "cache", None)  # earlier transformers 5 releases: past_key_values
         cache = getattr(output, "past_key_values", None) if cache is None else cache
         if cache is None:
             raise RuntimeError("shared_prefill needs the prefill's KV cache (use_cache=True)")
