@@ -91,6 +91,13 @@ def worker_command(settings_queue: str) -> list[str]:
             "-Q", settings_queue, "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
 
 
+def webhook_worker_command(webhook_queue: str) -> list[str]:
+    """Webhook deliveries beside the steps: a few threads on their own queue, so a delivery never waits for a
+    step that runs for hours in the solo worker (and no model is ever loaded here)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-P", "threads", "-c", "4",
+            "-Q", webhook_queue, "-n", "webhooks@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+
+
 class WorkerKeeper:
     """Embedded mode: the one worker process, started again (after a short pause) whenever it dies.
 
@@ -169,6 +176,7 @@ def serve(argv: Sequence[str]) -> int:
     settings: Settings = get_settings()
     redis_process: subprocess.Popen[bytes] | None = None
     keeper: WorkerKeeper | None = None
+    webhook_keeper: WorkerKeeper | None = None
     api_started = False
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, _raise_stopped)
@@ -187,6 +195,7 @@ def serve(argv: Sequence[str]) -> int:
                 print(f"eigenshift: generated admin API key (kept in {settings.api_key_path}):\n  {key}", flush=True)
         if not args.no_worker:
             keeper = WorkerKeeper(worker_command(settings.queue))
+            webhook_keeper = WorkerKeeper(webhook_worker_command(settings.webhook_queue))
         from app.main import create_app
 
         api_started = True
@@ -202,6 +211,9 @@ def serve(argv: Sequence[str]) -> int:
         if keeper is not None:
             keeper.stop()
             _stopped("worker")
+        if webhook_keeper is not None:
+            webhook_keeper.stop()
+            _stopped("webhook worker")
         if redis_process is not None:
             _stop(redis_process, 20)
             _stopped("redis")

@@ -53,7 +53,7 @@ _stop = threading.Event()
 
 def send_notification(job_id: str, delivery_id: str) -> None:
     """Queue the `eigenshift.notify` task of one delivery."""
-    app.send_task(NOTIFY_TASK, args=(job_id, delivery_id), queue=get_settings().queue)
+    app.send_task(NOTIFY_TASK, args=(job_id, delivery_id), queue=get_settings().webhook_queue)
 
 
 def queue_notification(jobs: JobStore, job_id: str, send: Callable[[str, str], None] | None = None) -> str | None:

@@ -45,6 +45,11 @@ class StepResult:
     intervention_id: str | None = None
 
 
+class LeaseLost(Exception):
+    """This task's lease on the job expired or was taken (a redelivered twin runs the step now): stop
+    without touching the job's record or artifacts, which are the twin's now."""
+
+
 @dataclass
 class StepContext:
     """What a step function gets: its job, its spec, a directory to write, the model and the services."""
@@ -58,6 +63,7 @@ class StepContext:
     out: Path
     scratch: Path
     last_progress: dict[str, int] = field(default_factory=dict)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
 
     @property
     def job_id(self) -> str:
@@ -83,7 +89,11 @@ class StepContext:
         return StepHooks(on_progress=self.progress, should_stop=self.should_stop)
 
     def should_stop(self) -> bool:
-        """True when the job was cancelled; raises `JobTimeLimit` once it has run longer than `job_timeout_s`."""
+        """True when the job was cancelled; raises `JobTimeLimit` once it has run longer than `job_timeout_s`
+        (the time limit, enforced at every batch: `-P solo` has no task time limit) and `LeaseLost` once
+        this task no longer holds the job's lease."""
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"the lease of job {self.job_id} was lost: another task runs this step now")
         record = self.jobs.get(self.job_id)
         check_time_limit(record, self.settings.job_timeout_s)
         return record.cancel_requested
@@ -115,6 +125,7 @@ def services(settings: Settings) -> tuple[JobStore, ArtifactStore, InterventionR
 
 
 RUNNING_ELSEWHERE = "skipped: running elsewhere"
+ABANDONED = "abandoned: lease lost"
 
 
 def run_step(job_id: str, step: str, function: StepFunction, settings: Settings | None = None) -> str:
@@ -125,26 +136,31 @@ def run_step(job_id: str, step: str, function: StepFunction, settings: Settings 
     holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     if not jobs.claim(job_id, holder, settings.lease_s):
         return RUNNING_ELSEWHERE
-    with step_lease(jobs, job_id, holder, ttl_s=settings.lease_s, every_s=min(settings.heartbeat_s, settings.lease_s / 3)):
-        return _run_claimed(job_id, step, function, settings, jobs, store, interventions)
+    every_s = min(settings.heartbeat_s, settings.lease_s / 3)
+    with step_lease(jobs, job_id, holder, ttl_s=settings.lease_s, every_s=every_s) as lost:
+        return _run_claimed(job_id, step, function, settings, jobs, store, interventions, holder, lost)
 
 
 @contextmanager
-def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_s: float) -> Iterator[None]:
-    """Renew the job's lease from a daemon thread while the block runs; always released on the way out."""
-    stop = threading.Event()
+def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_s: float) -> Iterator[threading.Event]:
+    """Renew the job's lease from a daemon thread while the block runs; always released on the way out.
+    Yields an event that is set once a renewal finds the lease gone (expired, or another task's)."""
+    stop, lost = threading.Event(), threading.Event()
 
     def renew() -> None:
         while not stop.wait(every_s):
             try:
-                jobs.renew(job_id, holder, ttl_s)
+                if not jobs.renew(job_id, holder, ttl_s):
+                    log.warning("lost the lease of job %s: stopping at the next batch", job_id)
+                    lost.set()
+                    return
             except Exception:  # Redis away for a moment: the next beat tries again
                 log.warning("could not renew the lease of job %s", job_id, exc_info=True)
 
     thread = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
     thread.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
         thread.join()
@@ -155,7 +171,7 @@ def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_
 
 
 def _run_claimed(job_id: str, step: str, function: StepFunction, settings: Settings, jobs: JobStore,
-                 store: ArtifactStore, interventions: InterventionRegistry) -> str:
+                 store: ArtifactStore, interventions: InterventionRegistry, holder: str, lost: threading.Event) -> str:
     record = jobs.get(job_id)
     if record.state in TERMINAL:
         queue_notification(jobs, job_id)  # a job cancelled while queued ends here (once per job)
@@ -176,21 +192,27 @@ def _run_claimed(job_id: str, step: str, function: StepFunction, settings: Setti
     except JobTimeLimit as error:
         _finish(jobs, job_id, "failed", error=JobError(type="JobTimeLimit", message=str(error)))
         return "failed"
-    base = settings.work_dir / job_id / step
+    base = settings.work_dir / job_id / f"{step}-{holder}"  # a zombie twin never shares its files with us
     shutil.rmtree(base, ignore_errors=True)
     ctx = StepContext(settings, jobs, store, interventions, record, SPECS[record.kind].model_validate(record.params),
-                      base / "out", base / "scratch")
+                      base / "out", base / "scratch", lease_lost=lost)
     ctx.out.mkdir(parents=True)
     ctx.scratch.mkdir(parents=True)
     try:
         result = function(ctx)
+    except LeaseLost:
+        log.warning("job %s step %s abandoned: its lease went to another task", job_id, step)
+        shutil.rmtree(base, ignore_errors=True)
+        return ABANDONED
     except Cancelled:
         _finish(jobs, job_id, "cancelled", _upload(ctx, step))
+        shutil.rmtree(base, ignore_errors=True)
         return "cancelled"
     except Exception as error:
         if not isinstance(error, InputError):
             log.exception("job %s step %s failed", job_id, step)
         _finish(jobs, job_id, "failed", _upload(ctx, step), JobError(type=type(error).__name__, message=str(error)))
+        shutil.rmtree(base, ignore_errors=True)
         return "failed"
     finally:
         shutil.rmtree(base / "scratch", ignore_errors=True)

@@ -130,6 +130,8 @@ class Settings(BaseSettings):
                                           "host; empty turns callbacks off")
     webhook_secret: SecretStr | None = Field(None, description="signing key (default: generated in "
                                                                "<data_dir>/webhook-secret)")
+    webhook_queue: str = Field("eigenshift-webhooks", min_length=1, max_length=64,
+                               description="deliveries' own queue, consumed beside the steps' (a step may run hours)")
     webhook_max_attempts: int = Field(5, ge=1, le=20, description="deliveries tried per finished job")
     webhook_backoff_s: float = Field(5.0, gt=0, description="wait before the second attempt; doubles after each")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="connect and read timeout of one attempt")

@@ -8,7 +8,7 @@ from celery.exceptions import Ignore
 from workers import steps, webhooks
 from workers.celery_app import NOTIFY_TASK, app
 from workers.jobs import JobNotFound, JobStore, connect
-from workers.runner import RUNNING_ELSEWHERE, StepFunction
+from workers.runner import ABANDONED, RUNNING_ELSEWHERE, StepFunction
 from workers.runner import run_step as run_step_of_job
 from workers.settings import get_settings
 
@@ -17,7 +17,7 @@ def run_step(job_id: str, step: str, function: StepFunction) -> str:
     """The runner's outcome; a job whose step another task is running stops this chain here (`Ignore`), so
     a duplicate delivery never starts the next step early."""
     outcome = run_step_of_job(job_id, step, function)
-    if outcome == RUNNING_ELSEWHERE:
+    if outcome in (RUNNING_ELSEWHERE, ABANDONED):
         raise Ignore()
     return outcome
 

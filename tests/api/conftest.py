@@ -103,7 +103,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, default_i
 def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     """A real `celery worker -P solo` process; ready once its heartbeat key appears."""
     log = (settings.data_dir / "worker.log").open("wb")
-    process = subprocess.Popen(worker_command(settings.queue), cwd=ROOT, env=service_env(settings),
+    # one process for both queues here: the webhook tests need deliveries, and no step runs for long
+    process = subprocess.Popen(worker_command(f"{settings.queue},{settings.webhook_queue}"), cwd=ROOT, env=service_env(settings),
                                stdout=log, stderr=subprocess.STDOUT)
     jobs = JobStore(connect(settings), settings.key_prefix)
     deadline = time.monotonic() + START_DEADLINE_S

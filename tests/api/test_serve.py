@@ -56,6 +56,8 @@ def test_serve_starts_everything_and_stops_cleanly(tmp_path: Path, default_inter
         answer = httpx.get(f"{base}/generate", params=params, headers={"Authorization": f"Bearer {key}"},
                            timeout=120).json()
         assert answer["data"][0]["intervention"] == "embedded-default"
+        # webhook deliveries have their own consumer beside the solo step worker
+        assert any("eigenshift-webhooks" in line and "threads" in line for line in command_lines())
     finally:
         if stop == "SIGINT":
             os.killpg(process.pid, signal.SIGINT)
@@ -72,9 +74,21 @@ def test_serve_starts_everything_and_stops_cleanly(tmp_path: Path, default_inter
     assert code == 0, logs[-3000:]
     assert "Traceback" not in logs, logs[-3000:]
     stopped = [line for line in (tmp_path / "serve.err").read_text().splitlines() if line.startswith("eigenshift: stopped")]
-    assert stopped == ["eigenshift: stopped api", "eigenshift: stopped worker", "eigenshift: stopped redis"]
+    assert stopped == ["eigenshift: stopped api", "eigenshift: stopped worker", "eigenshift: stopped webhook worker",
+                       "eigenshift: stopped redis"]
     assert not (data / "redis.sock").exists()  # Redis went down with it
     assert not processes_using(data)  # and so did the worker
+
+
+def command_lines() -> list[str]:
+    """Every process's command line (from /proc), arguments joined by spaces."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile
+            continue
+    return lines
 
 
 def processes_using(data: Path) -> list[int]:

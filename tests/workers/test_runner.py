@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.progress import Cancelled
 from workers.jobs import JobStore, connect
-from workers.runner import RUNNING_ELSEWHERE, StepContext, StepResult, run_step
+from workers.runner import ABANDONED, RUNNING_ELSEWHERE, StepContext, StepResult, run_step
 from workers.settings import Settings
 from workers.store import open_store
 
@@ -149,3 +151,48 @@ def test_a_step_holds_its_lease_while_it_runs_and_a_duplicate_is_turned_away(wor
     assert run_step(job_id, "extract", slow, settings) == "done"
     assert seen == [RUNNING_ELSEWHERE]
     assert jobs.claim(job_id, "after", 1)  # released at the end
+
+
+def _polls_should_stop(seen: list[Path]):  # noqa: ANN202
+    """A step that keeps asking whether to stop, as the core's steps do after every batch."""
+
+    def step(ctx: StepContext) -> StepResult:
+        seen.append(ctx.out)
+        (ctx.out / "partial.json").write_text("{}")
+        deadline = time.monotonic() + 60  # only ends a hung test; the outcome never depends on it
+        while time.monotonic() < deadline:
+            ctx.should_stop()
+            time.sleep(0.05)
+        return StepResult()
+
+    return step
+
+
+def test_a_step_that_loses_its_lease_stops_and_leaves_the_job_to_its_twin(worker_settings: Settings) -> None:
+    settings = worker_settings.model_copy(update={"lease_s": 0.6, "heartbeat_s": 0.1})
+    jobs = JobStore(connect(settings), settings.key_prefix)
+    job_id = _job(settings, ["extract"])
+    seen: list[Path] = []
+
+    def steal_the_lease() -> None:  # what a redelivery does once the lease has expired
+        while not seen:
+            time.sleep(0.01)
+        jobs.redis.set(jobs._lease(job_id), "twin", px=60_000)
+
+    thief = threading.Thread(target=steal_the_lease, daemon=True)
+    thief.start()
+    assert run_step(job_id, "extract", _polls_should_stop(seen), settings) == ABANDONED
+    thief.join(timeout=30)
+    record = jobs.get(job_id)
+    assert record.state == "running" and record.error is None and record.artifacts == []  # the twin's to finish
+    assert jobs.redis.get(jobs._lease(job_id)) == "twin"  # the twin's lease is left alone
+    assert not seen[0].exists() and seen[0].parent.name.startswith("extract-")  # per-holder work dir, removed
+
+
+def test_the_job_time_limit_stops_a_running_step(worker_settings: Settings) -> None:
+    settings = worker_settings.model_copy(update={"job_timeout_s": 0.3})
+    job_id = _job(settings, ["extract"])
+    assert run_step(job_id, "extract", _polls_should_stop([]), settings) == "failed"
+    record = JobStore(connect(settings), settings.key_prefix).get(job_id)
+    assert record.state == "failed" and record.error and record.error.type == "JobTimeLimit"
+    assert record.artifacts == ["extract/partial.json"]  # what it wrote is kept
