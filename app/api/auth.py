@@ -141,7 +141,8 @@ def caller_with(scope: Scope) -> Any:
     """A dependency like `requires(scope)` that hands the route its caller, whose name owns what it makes."""
     check = requires(scope).dependency
 
-    async def caller(principal: Principal = Depends(check)) -> Caller:  # a default: `check` is a local name
+    # A default, not `Annotated`: under postponed annotations FastAPI could not resolve the local `check`.
+    async def caller(principal: Principal = Depends(check)) -> Caller:  # noqa: B008
         return principal.caller
 
     return Depends(caller)
