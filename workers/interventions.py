@@ -99,10 +99,11 @@ class InterventionRegistry:
             raise InterventionNotFound(intervention_id)
         return InterventionRecord.model_validate_json(raw)
 
-    def _visible(self, record: InterventionRecord, caller: Caller) -> bool:
+    def _visible(self, record: InterventionRecord, caller: Caller, active: set[str] | None = None) -> bool:
         """Its owner's and admins'; the built-in and each model's active one (an admin published it): everyone's."""
-        return (caller.sees(record.owner) or record.id == BUILTIN_ID
-                or self.active_id(record.model) == record.id)
+        if caller.sees(record.owner) or record.id == BUILTIN_ID:
+            return True
+        return record.id in active if active is not None else self.active_id(record.model) == record.id
 
     def get(self, intervention_id: str, caller: Caller) -> InterventionRecord:
         """The record, when `caller` may see it; else InterventionNotFound, as for an unknown id."""
@@ -114,7 +115,8 @@ class InterventionRegistry:
     def list(self, caller: Caller, model: str | None = None) -> list[InterventionRecord]:
         """What `caller` may see, oldest first, optionally of one model."""
         records = [InterventionRecord.model_validate_json(raw) for raw in self.redis.hvals(self._hash)]
-        return sorted((r for r in records if (model is None or r.model == model) and self._visible(r, caller)),
+        active = {str(value) for value in self.redis.hvals(self._active)}
+        return sorted((r for r in records if (model is None or r.model == model) and self._visible(r, caller, active)),
                       key=lambda r: r.created_at)
 
     def activate(self, intervention_id: str, caller: Caller) -> InterventionRecord:
