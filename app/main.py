@@ -21,6 +21,7 @@ from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import DEFAULT_CACHE_DIR, load_model
 from workers.job_service import JobService
 from workers.models import grant_model
+from workers.owners import SYSTEM
 from workers.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _load_server(app: FastAPI, settings: Settings, service: JobService, metrics:
     cache = settings.data_dir / "cache" / "interventions"
 
     def resolve(intervention_id: str) -> Intervention:
-        record = service.interventions.get(intervention_id)
+        record = service.interventions.get(intervention_id, SYSTEM)  # the route checked the caller
         if record.model != settings.model:
             from eigenshift_core.errors import InputError
 

@@ -193,9 +193,33 @@ class Intervention:
             raise InputError(f"unsupported intervention format {info.get('format_version')!r}", field="intervention")
         if intervention.directions.ndim != 2 or intervention.alphas.shape != (intervention.k,):
             raise InputError("corrupt intervention artifact: directions and alphas disagree", field="intervention")
+        _check_values(intervention, directory)
         if model is not None:
             intervention.check_model(model)
         return intervention
+
+
+ORTHONORMAL_TOLERANCE = 1e-3  # max |V Vᵀ − I|; float32 SVD rows are within ~1e-6
+
+
+def _check_values(intervention: Intervention, directory: Path) -> None:
+    """Refuse an artifact whose tensors are not finite or whose directions are not orthonormal rows: such
+    an edit would not be a projection, and would serve garbage (NaN logits, a rescaled vocabulary)."""
+    tensors = {"directions": intervention.directions, "alphas": intervention.alphas,
+               "singular_values": intervention.singular_values, "delta": intervention.delta,
+               "scores": intervention.scores}
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"corrupt intervention artifact in {directory}: {name} holds non-finite values",
+                             field="intervention")
+    v = intervention.directions.to(torch.float64)  # (k, d)
+    if v.shape[0] > v.shape[1]:
+        raise InputError(f"corrupt intervention artifact in {directory}: k={v.shape[0]} directions in "
+                         f"d={v.shape[1]}", field="intervention")
+    error = float((v @ v.T - torch.eye(v.shape[0], dtype=torch.float64)).abs().max())  # (k, k)
+    if error > ORTHONORMAL_TOLERANCE:
+        raise InputError(f"corrupt intervention artifact in {directory}: directions are not orthonormal "
+                         f"(max |V Vᵀ − I| = {error:.3g} > {ORTHONORMAL_TOLERANCE})", field="intervention")
 
 
 def check_alpha(alpha: Alpha, *, criterion: str, k: int | None) -> None:

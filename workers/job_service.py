@@ -1,6 +1,8 @@
 """What the API may do with jobs: check a spec, record it, queue its chain, cancel it, read its artifacts.
 
-`check_spec` runs before anything is written, so a refused request leaves no record, key or file.
+`check_spec` runs before anything is written, so a refused request leaves no record, key or file. Every call
+names its `Caller`: a job is loaded only for its owner (or an admin), in `get`, and another key's job is
+reported as missing.
 """
 
 from __future__ import annotations
@@ -16,10 +18,22 @@ from eigenshift_core.errors import InputError
 from eigenshift_core.prompts import PromptSet, load_prompts, parse_rows, require_disjoint
 from workers.celery_app import create_celery, enqueue_steps
 from workers.interventions import InterventionNotFound, InterventionRegistry
-from workers.jobs import TERMINAL, JobError, JobNotFound, JobRecord, JobStore, Unavailable, connect, now
+from workers.jobs import (
+    TERMINAL,
+    JobError,
+    JobNotFound,
+    JobRecord,
+    JobState,
+    JobStore,
+    Unavailable,
+    connect,
+    now,
+)
 from workers.models import grant_model
+from workers.owners import SYSTEM, Caller
+from workers.scorers import grant_scorer
 from workers.settings import Settings
-from workers.sources import check_source, check_text, data_path
+from workers.sources import Uploads, check_source, check_text, data_path
 from workers.specs import (
     EvaluateSpec,
     ExtractSpec,
@@ -47,17 +61,20 @@ class JobService:
         self.store = store or open_store(settings)
         self.jobs = JobStore(self.redis, settings.key_prefix)
         self.interventions = InterventionRegistry(self.redis, self.store, settings.key_prefix)
+        self.uploads = Uploads(self.redis, self.store, settings.key_prefix)
         self.celery = celery or create_celery(settings)
 
     # -- jobs ------------------------------------------------------------------------------------------
 
-    def submit(self, kind: str, spec: JobSpec, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Check, record and queue a job; a replayed Idempotency-Key returns the first job. (record, created)"""
-        self.check_spec(spec)
+    def submit(self, kind: str, spec: JobSpec, idempotency_key: str | None = None, *,
+               caller: Caller = SYSTEM) -> tuple[JobRecord, bool]:
+        """Check, record (owned by `caller`) and queue a job; a replayed Idempotency-Key of the same caller
+        returns the first job. (record, created)"""
+        self.check_spec(spec, caller)
         if not self.jobs.live_workers():
             raise Unavailable("no worker is alive to run jobs")
         record, created = self.jobs.create(kind, spec.model_dump(mode="json"), list(steps_for(kind, spec)),
-                                           idempotency_key)
+                                           idempotency_key, owner=caller.name)
         if created:
             self._enqueue(record)
         return record, created
@@ -75,14 +92,23 @@ class JobService:
             self.jobs.update(record.id, fail)
             raise Unavailable(message) from None
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, caller: Caller) -> JobRecord:
+        """The job, when `caller` may see it; else JobNotFound, as for an unknown id."""
         check_key(job_id, field="job_id")
-        return self.jobs.get(job_id)
+        record = self.jobs.get(job_id)
+        if not caller.sees(record.owner):
+            raise JobNotFound(job_id)
+        return record
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def list_jobs(self, caller: Caller, *, kind: str | None = None, state: JobState | None = None, offset: int = 0,
+             limit: int = 50) -> tuple[list[JobRecord], int]:
+        """The jobs `caller` may see, newest first, filtered; (page, total matching)."""
+        return self.jobs.list(kind=kind, state=state, offset=offset, limit=limit, caller=caller)
+
+    def cancel(self, job_id: str, caller: Caller) -> JobRecord:
         """Ask a job to stop: a queued one is cancelled now, a running one at its next batch boundary.
         A job that has already ended raises `JobEnded` (nothing to cancel)."""
-        self.get(job_id)
+        self.get(job_id, caller)
 
         def change(r: JobRecord) -> None:
             if r.state in TERMINAL:
@@ -93,8 +119,8 @@ class JobService:
 
         return self.jobs.update(job_id, change)
 
-    def artifact(self, job_id: str, name: str) -> Iterator[bytes]:
-        record = self.get(job_id)
+    def artifact(self, job_id: str, name: str, caller: Caller) -> Iterator[bytes]:
+        record = self.get(job_id, caller)
         check_key(name, field="name")
         if name not in record.artifacts:
             raise FileNotFoundError(name)
@@ -105,25 +131,29 @@ class JobService:
 
     # -- checks ----------------------------------------------------------------------------------------
 
-    def check_spec(self, spec: JobSpec) -> None:
-        """What needs settings or state: allowed model and scorer, sources, rows, referenced jobs."""
+    def check_spec(self, spec: JobSpec, caller: Caller = SYSTEM) -> None:
+        """What needs settings or state: allowed model and scorer, sources, rows, and referenced jobs, uploads
+        and interventions that `caller` may use."""
         grant_model(self.settings, spec.model)
+        scorer: str | None = getattr(spec, "scorer", None)
+        if scorer is not None:
+            grant_scorer(self.settings, scorer)
         check_callback(spec.callback_url, self.settings)
         if getattr(spec, "reference_csv", None):
             data_path(self.settings, spec.reference_csv, field="reference_csv")  # type: ignore[attr-defined]
         if isinstance(spec, EvaluateSpec | PipelineSpec) and spec.ppl_text is not None:
-            check_text(spec.ppl_text, self.settings, self.store, field="ppl_text")
+            check_text(spec.ppl_text, self.settings, self.uploads, caller, field="ppl_text")
         source: PromptSource | None = getattr(spec, "prompts", None)
         if source is not None:
-            check_source(source, self.settings, self.store)
+            check_source(source, self.settings, self.uploads, caller)
             self._check_rows(source, spec)
         if isinstance(spec, ExtractSpec) and spec.generate_job_id:
-            self._require_step(spec.generate_job_id, "generate", "generate_job_id")
+            self._require_step(spec.generate_job_id, "generate", "generate_job_id", caller)
         if isinstance(spec, ReconstructSpec) and spec.extract_job_id:
-            self._require_step(spec.extract_job_id, "extract", "extract_job_id")
+            self._require_step(spec.extract_job_id, "extract", "extract_job_id", caller)
         if isinstance(spec, EvaluateSpec):
             try:
-                self.interventions.get(check_key(spec.intervention_id, field="intervention_id"))
+                self.interventions.get(check_key(spec.intervention_id, field="intervention_id"), caller)
             except InterventionNotFound:
                 raise InputError(f"no intervention {spec.intervention_id!r}", field="intervention_id") from None
 
@@ -141,9 +171,9 @@ class JobService:
             if isinstance(spec, PipelineSpec):
                 require_disjoint(sets["train_rows"], sets["eval_rows"])
 
-    def _require_step(self, job_id: str, step: str, field: str) -> None:
+    def _require_step(self, job_id: str, step: str, field: str, caller: Caller) -> None:
         try:
-            record = self.get(job_id)
+            record = self.get(job_id, caller)
         except (JobNotFound, InputError):
             raise InputError(f"no job {job_id!r}", field=field) from None
         if step not in record.steps_done:

@@ -18,6 +18,7 @@ from typing import Literal
 import redis
 from pydantic import BaseModel, Field
 
+from workers.owners import Caller
 from workers.settings import Settings
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -99,6 +100,7 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     worker_losses: int = Field(0, description="times a worker died mid-step; each loss requeues the step once")
     deliveries: list[WebhookDelivery] = Field(default_factory=list)
+    owner: str | None = Field(None, description="the name of the API key that made the job (None: the service)")
 
 
 def now() -> datetime:
@@ -132,11 +134,14 @@ class JobStore:
         return f"{self.prefix}:jobs"
 
     def create(self, kind: str, params: dict[str, object], steps: list[str],
-               idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """A new queued record, or the existing one for a replayed Idempotency-Key; (record, created)."""
-        record = JobRecord(id=uuid.uuid4().hex, kind=kind, params=params, steps=steps, created_at=now())
+               idempotency_key: str | None = None, owner: str | None = None) -> tuple[JobRecord, bool]:
+        """A new queued record, or the existing one for a replayed Idempotency-Key; (record, created).
+
+        Idempotency-Keys are namespaced by `owner`: two keys may use the same one without meeting."""
+        record = JobRecord(id=uuid.uuid4().hex, kind=kind, params=params, steps=steps, created_at=now(), owner=owner)
         if idempotency_key is not None:
-            key = f"{self.prefix}:idem:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+            scoped = json.dumps([owner, idempotency_key])
+            key = f"{self.prefix}:idem:{hashlib.sha256(scoped.encode('utf-8', 'surrogatepass')).hexdigest()}"
             claim = json.dumps({"job": record.id, "digest": body_digest(kind, params)})
             if not self.redis.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
                 previous = json.loads(self.redis.get(key) or "{}")
@@ -182,14 +187,15 @@ class JobStore:
         pipe.execute()
 
     def list(self, *, kind: str | None = None, state: str | None = None, offset: int = 0,
-             limit: int = 50) -> tuple[builtins.list[JobRecord], int]:
-        """Newest first, filtered; (page, total matching)."""
+             limit: int = 50, caller: Caller | None = None) -> tuple[builtins.list[JobRecord], int]:
+        """Newest first, filtered (to what `caller` sees, when given); (page, total matching)."""
         ids: builtins.list[str] = self.redis.zrevrange(self._index, 0, -1)  # type: ignore[assignment]
         records: builtins.list[JobRecord] = []
         for start in range(0, len(ids), 500):
             raws = self.redis.mget([self._job(i) for i in ids[start:start + 500]])
             records.extend(JobRecord.model_validate_json(r) for r in raws if r is not None)
-        chosen = [r for r in records if (kind is None or r.kind == kind) and (state is None or r.state == state)]
+        chosen = [r for r in records if (kind is None or r.kind == kind) and (state is None or r.state == state)
+                  and (caller is None or caller.sees(r.owner))]
         return chosen[offset:offset + limit], len(chosen)
 
     def count_by_state(self) -> dict[str, int]:

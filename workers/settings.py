@@ -53,6 +53,30 @@ class AllowedModel(BaseModel):
         return self
 
 
+class AllowedScorer(BaseModel):
+    """A scorer that requests may name: one exact spec (`profanity`, `hf:<hub id>`, `detoxify:<ckpt>`), or any
+    `hf:<dir>` / `detoxify:<ckpt>` path under a local root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str | None = Field(None, min_length=1, max_length=300, description="an exact scorer spec")
+    root: Path | None = Field(None, description="scorer directories and checkpoints under this absolute path")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        """A plain string is an exact spec."""
+        return {"spec": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> AllowedScorer:
+        if (self.spec is None) == (self.root is None):
+            raise ValueError("an allowed scorer names exactly one of `spec` and `root`")
+        if self.root is not None and not self.root.is_absolute():
+            raise ValueError("`root` must be an absolute path")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything deployment-specific. Embedded default: local Redis socket, local artifacts, `embedded`."""
 
@@ -100,6 +124,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path | None = None
     scorer: str = "profanity"
+    scorers: list[AllowedScorer] = Field(
+        default_factory=lambda: [AllowedScorer(spec="profanity"), AllowedScorer(spec="ensemble")],
+        description="the allowlist of scorers requests may name (besides `scorer` and `moderation_scorers`): "
+                    "exact specs, or local roots for hf:<dir> / detoxify:<ckpt>; JSON like "
+                    "[\"profanity\", \"hf:s-nlp/roberta_toxicity_classifier\", {\"root\": \"/srv/scorers\"}]")
     default_intervention: Path | None = Field(None, description="intervention directory served before any job ran")
     torch_threads: int | None = Field(None, ge=1)
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+
+import redis
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.prompts import SUFFIXES
 from workers.jobs import TooLarge
+from workers.owners import Caller
 from workers.settings import Settings
 from workers.specs import PromptSource, TextSource
 from workers.store import ArtifactStore, check_key
@@ -36,7 +40,32 @@ def upload_key(file_id: str, *, field: str = "prompts.file_id") -> str:
     return f"uploads/{check_key(file_id, field=field)}"
 
 
-def check_source(source: PromptSource, settings: Settings, store: ArtifactStore) -> None:
+class Uploads:
+    """Files sent to POST /files: the bytes in the store under `uploads/<id>`, the owner (the sending key's
+    name) in Redis. A job may name only its own key's uploads (admins: any)."""
+
+    def __init__(self, client: redis.Redis, store: ArtifactStore, prefix: str = "eigenshift") -> None:
+        self.redis = client
+        self.store = store
+        self._owners = f"{prefix}:uploads"
+
+    def put(self, data: bytes, suffix: str, caller: Caller) -> str:
+        """Keep `data` as a new upload owned by `caller`; its id."""
+        file_id = f"{uuid.uuid4().hex}{suffix}"
+        self.store.put_bytes(upload_key(file_id, field="file"), data)
+        self.redis.hset(self._owners, file_id, json.dumps({"owner": caller.name}))
+        return file_id
+
+    def check(self, file_id: str, caller: Caller, *, field: str) -> None:
+        """The upload exists and `caller` may use it; another key's is refused as a missing one."""
+        key = upload_key(file_id, field=field)
+        raw = self.redis.hget(self._owners, file_id)
+        owner = json.loads(raw).get("owner") if raw is not None else None
+        if not caller.sees(owner) or not self.store.exists(key):
+            raise InputError(f"no uploaded file {file_id!r}", field=field)
+
+
+def check_source(source: PromptSource, settings: Settings, uploads: Uploads, caller: Caller) -> None:
     """Everything about a source that can be known without reading it through (API side, before queuing)."""
     if source.texts is not None:
         if len(source.texts) > settings.max_job_prompts:
@@ -44,8 +73,7 @@ def check_source(source: PromptSource, settings: Settings, store: ArtifactStore)
         if any(len(text) > settings.max_prompt_chars for text in source.texts):
             raise TooLarge(f"a prompt is longer than max_prompt_chars={settings.max_prompt_chars} characters")
     elif source.file_id is not None:
-        if not store.exists(upload_key(source.file_id)):
-            raise InputError(f"no uploaded file {source.file_id!r}", field="prompts.file_id")
+        uploads.check(source.file_id, caller, field="prompts.file_id")
     elif source.path is not None:
         data_path(settings, source.path, field="prompts.path")
     elif source.hub_dataset is not None:
@@ -104,9 +132,9 @@ def text_path(source: TextSource, settings: Settings, store: ArtifactStore, work
         raise InputError(f"no uploaded file {source.file_id!r}", field=f"{field}.file_id") from None
 
 
-def check_text(source: TextSource, settings: Settings, store: ArtifactStore, *, field: str) -> None:
-    """API side: the text file exists (under the data root, or as an upload)."""
+def check_text(source: TextSource, settings: Settings, uploads: Uploads, caller: Caller, *, field: str) -> None:
+    """API side: the text file exists (under the data root, or as an upload `caller` may use)."""
     if source.path is not None:
         data_path(settings, source.path, field=f"{field}.path", suffixes=None)
-    elif source.file_id is not None and not store.exists(upload_key(source.file_id, field=f"{field}.file_id")):
-        raise InputError(f"no uploaded file {source.file_id!r}", field=f"{field}.file_id")
+    elif source.file_id is not None:
+        uploads.check(source.file_id, caller, field=f"{field}.file_id")

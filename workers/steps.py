@@ -88,7 +88,7 @@ def reconstruct(ctx: StepContext) -> StepResult:
         config = config_from(ReconstructConfig, spec, states=states)
         info["scorer"] = spec.scorer
     run_reconstruct(ctx.lm(), config, ctx.out, info=info)
-    ctx.interventions.register(ctx.job_id, ctx.out, model=spec.model, job_id=ctx.job_id)
+    ctx.interventions.register(ctx.job_id, ctx.out, model=spec.model, job_id=ctx.job_id, owner=ctx.record.owner)
     ctx.hooks().report("reconstruct", 1, 1, "steps")
     return StepResult(intervention_id=ctx.job_id)
 

@@ -1,7 +1,8 @@
 """API keys: `Authorization: Bearer <key>`, stored as SHA-256 digests, compared in constant time, each with
 scopes; and a per-key token bucket in Redis.
 
-Scopes: generate, score, jobs:write, jobs:read, admin (admin holds every scope).
+Scopes: generate, score, jobs:write, jobs:read, admin (admin holds every scope). A key's name owns what it
+makes (`workers.owners`), so names are unique: the generated admin key is `admin`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope as AsgiScope
 
 from app.api.errors import Problem
+from workers.owners import Caller
 from workers.settings import ApiKeySpec, Scope, Settings
 
 bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer <key>`")
@@ -71,11 +73,20 @@ class Principal:
     def allows(self, scope: Scope) -> bool:
         return "admin" in self.scopes or scope in self.scopes
 
+    @property
+    def caller(self) -> Caller:
+        """Who owns what this key makes, and whether it sees everyone's (admin)."""
+        return Caller(self.name, admin="admin" in self.scopes)
+
 
 class KeyRing:
     """The configured keys by digest; lookup compares every digest in constant time."""
 
     def __init__(self, specs: list[ApiKeySpec]) -> None:
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):  # a name owns jobs and files: two keys must never share one
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"API key names must be unique; used twice: {', '.join(twice)}")
         self._keys = [(spec.sha256, Principal(spec.name, frozenset(spec.scopes), spec.rate_per_s, spec.burst)) for spec in specs]
 
     @classmethod
@@ -138,3 +149,14 @@ def requires(scope: Scope) -> Any:
         return principal
 
     return Depends(check)
+
+
+def caller_with(scope: Scope) -> Any:
+    """A dependency like `requires(scope)` that hands the route its caller, whose name owns what it makes."""
+    check = requires(scope).dependency
+
+    # A default, not `Annotated`: under postponed annotations FastAPI could not resolve the local `check`.
+    async def caller(principal: Principal = Depends(check)) -> Caller:  # noqa: B008
+        return principal.caller
+
+    return Depends(caller)

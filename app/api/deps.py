@@ -1,4 +1,5 @@
-"""Dependencies as `Annotated` aliases: the settings, the job service, the model server, the metrics."""
+"""Dependencies as `Annotated` aliases: the settings, the job service, the model server, the metrics, and the
+caller (checked for its scope) whose name owns jobs, uploads and interventions."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from app.api.auth import caller_with
 from app.api.errors import Problem
 from app.metrics import Metrics
 from app.serving import ModelServer
 from workers.job_service import JobService
+from workers.owners import Caller
 from workers.settings import Settings
 
 
@@ -39,3 +42,6 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 IdempotencyKeyDep = Annotated[
     str | None, Header(alias="Idempotency-Key", max_length=255, description="a retried POST returns the same job")
 ]
+ReaderDep = Annotated[Caller, caller_with("jobs:read")]
+WriterDep = Annotated[Caller, caller_with("jobs:write")]
+GeneratorDep = Annotated[Caller, caller_with("generate")]

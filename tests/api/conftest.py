@@ -36,6 +36,8 @@ from workers.settings import ApiKeySpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 READER_KEY, SLOW_KEY = "reader-secret", "slow-secret"  # a key with jobs:read only; one with 1 request/s
+ALICE_KEY, BOB_KEY = "alice-secret", "bob-secret"  # two writers, each blind to the other's jobs and files
+WRITER_SCOPES: list = ["jobs:write", "jobs:read", "generate", "score"]
 START_DEADLINE_S = 240  # generous: only a limit on waiting for a process that died, never an assertion
 
 
@@ -94,7 +96,9 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_url: str, default_i
         max_generate_batch=16, max_new_tokens_limit=64, rate_limit_per_s=1000, rate_limit_burst=1000,
         api_keys=[ApiKeySpec(name="reader", sha256=digest(READER_KEY), scopes=["jobs:read"]),
                   ApiKeySpec(name="slow", sha256=digest(SLOW_KEY), scopes=["generate"], rate_per_s=0.2,
-                              burst=2)],
+                              burst=2),
+                  ApiKeySpec(name="alice", sha256=digest(ALICE_KEY), scopes=WRITER_SCOPES),
+                  ApiKeySpec(name="bob", sha256=digest(BOB_KEY), scopes=WRITER_SCOPES)],
         webhook_allowed_hosts=["127.0.0.1"], webhook_backoff_s=0.2,  # a loopback receiver for test_webhooks
     )
 

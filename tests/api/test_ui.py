@@ -305,7 +305,8 @@ def test_a_wrong_key_shows_the_401_message_and_asks_again(open_console: Callable
 def test_a_key_without_the_scope_shows_the_403_message(open_console: Callable[[str, str], Console]) -> None:
     console = open_console(READER_KEY, "#/jobs")
     page = console.page
-    expect(page.locator("#jobs-summary")).to_contain_text("Showing")  # reading is allowed
+    # Reading is allowed, and a read-only key owns no job: it sees none of the other keys' jobs.
+    expect(page.locator("#jobs-summary")).to_contain_text("No jobs yet")
     page.get_by_role("button", name="Submit reconstruct job").click()
     expect(page.locator("#error")).to_contain_text("This key is not allowed to do that (403 Forbidden)")
     expect(page.locator("#error")).to_contain_text("jobs:write")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from eigenshift_core.criteria import CRITERIA, Selection, get_criterion, selective_alphas, selectivity_terms
@@ -229,6 +230,23 @@ def test_artifact_round_trip_and_refusals(tiny_llama: LoadedModel, tmp_path) -> 
         Intervention.load(tmp_path)
     with pytest.raises(InputError, match="no intervention"):
         Intervention.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("spoil", "words"), [
+    (lambda t: t["directions"].__setitem__((0, 0), float("nan")), "non-finite"),
+    (lambda t: t["alphas"].__setitem__(0, float("inf")), "non-finite"),
+    (lambda t: t["directions"].mul_(2.0), "orthonormal"),  # still finite, no longer a projection
+    (lambda t: t["directions"][1].copy_(t["directions"][0]), "orthonormal"),
+])
+def test_load_refuses_non_finite_values_and_non_orthonormal_directions(tiny_llama: LoadedModel, tmp_path,
+                                                                        spoil, words: str) -> None:
+    some_intervention(tiny_llama).save(tmp_path)
+    tensors = load_file(str(tmp_path / "intervention.safetensors"))
+    spoil(tensors)
+    save_file(tensors, str(tmp_path / "intervention.safetensors"))
+    with pytest.raises(InputError, match=words) as refused:
+        Intervention.load(tmp_path)
+    assert refused.value.field == "intervention"
 
 
 def test_k_and_alpha_validation() -> None:

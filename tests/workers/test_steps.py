@@ -15,8 +15,9 @@ from eigenshift_core.loading import LoadedModel
 from eigenshift_core.steps import run_extract, run_reconstruct
 from tests.conftest import REFERENCE_CSV, SHARED_DATA
 from workers import steps
-from workers.interventions import InterventionRegistry, report_summary
+from workers.interventions import InterventionNotFound, InterventionRegistry, report_summary
 from workers.jobs import JobStore, connect
+from workers.owners import SYSTEM, Caller
 from workers.runner import run_step
 from workers.settings import Settings
 from workers.store import open_store
@@ -29,14 +30,14 @@ def settings(worker_settings: Settings) -> Settings:
     return worker_settings.model_copy(update={"data_root": SHARED_DATA, "device": "cpu"})
 
 
-def _create(settings: Settings, kind: str, params: dict, step_names: list[str]) -> str:
-    record, _ = JobStore(connect(settings), settings.key_prefix).create(kind, params, step_names)
+def _create(settings: Settings, kind: str, params: dict, step_names: list[str], owner: str | None = None) -> str:
+    record, _ = JobStore(connect(settings), settings.key_prefix).create(kind, params, step_names, owner=owner)
     return record.id
 
 
 def test_a_reconstruct_job_builds_what_the_core_builds(settings: Settings, embedded: LoadedModel,
                                                         tmp_path: Path) -> None:
-    job_id = _create(settings, "reconstruct", RECONSTRUCT, ["extract", "reconstruct"])
+    job_id = _create(settings, "reconstruct", RECONSTRUCT, ["extract", "reconstruct"], owner="alice")
     assert run_step(job_id, "extract", steps.extract, settings) == "done"
     record = JobStore(connect(settings), settings.key_prefix).get(job_id)
     assert record.progress.stage == "extract: teacher forcing" and record.progress.unit == "continuations"
@@ -54,7 +55,11 @@ def test_a_reconstruct_job_builds_what_the_core_builds(settings: Settings, embed
         assert torch.allclose(ours[name].double(), theirs[name].double(), atol=1e-6), name
     provenance = json.loads(store.get_file(f"jobs/{job_id}/reconstruct/intervention.json", tmp_path / "i.json").read_text())
     assert provenance["criterion"] == "selectivity" and provenance["job_id"] == job_id
-    assert InterventionRegistry(connect(settings), store, settings.key_prefix).get(job_id).k == 8
+    registry = InterventionRegistry(connect(settings), store, settings.key_prefix)
+    assert registry.get(job_id, SYSTEM).k == 8
+    assert registry.get(job_id, Caller("alice")).owner == "alice"  # the job's key owns what it built
+    with pytest.raises(InterventionNotFound):
+        registry.get(job_id, Caller("bob"))
 
 
 def test_an_evaluate_job_measures_fluency_on_ppl_text_and_keeps_the_reports_metrics(settings: Settings) -> None:
@@ -71,7 +76,7 @@ def test_an_evaluate_job_measures_fluency_on_ppl_text_and_keeps_the_reports_metr
     assert report["fluency_source"] == "ppl_text" and report["protocol"]["perplexity"]["tokens_scored"] == 255
     assert report["baseline"]["perplexity"] != report["baseline"]["continuation_perplexity"]
     assert report["provenance"]["job_id"] == built
-    kept = InterventionRegistry(connect(settings), store, settings.key_prefix).get(built).metrics
+    kept = InterventionRegistry(connect(settings), store, settings.key_prefix).get(built, SYSTEM).metrics
     assert kept == report_summary(report, job_id)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 from typing import Annotated
@@ -10,8 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.auth import requires
-from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
+from app.api.deps import GeneratorDep, MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import Problem
 from app.schemas import GenerateBatch, GenerateItem, Generation, GenerationsPublic
 from app.serving import GenerationRequest, ModelServer
@@ -19,9 +19,12 @@ from eigenshift_core.errors import InputError
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.scoring import load_scorer
 from workers.interventions import InterventionNotFound
+from workers.job_service import JobService
 from workers.jobs import TooLarge
+from workers.owners import Caller
 from workers.settings import Settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/generate", tags=["generate"])
 
 
@@ -40,7 +43,7 @@ async def check_prompt_tokens(server: ModelServer, prompts: Sequence[str], max_n
 
 
 async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDep, service: ServiceDep,
-                    server: ServerDep, metrics: MetricsDep, fields: Sequence[str]) -> GenerationsPublic:
+                    server: ServerDep, metrics: MetricsDep, fields: Sequence[str], caller: Caller) -> GenerationsPublic:
     if len(items) > settings.max_generate_batch:
         raise TooLarge(f"{len(items)} prompts in one request; max_generate_batch={settings.max_generate_batch}")
     for item in items:
@@ -53,7 +56,7 @@ async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDe
     chosen = [await run_in_threadpool(_intervention_id, item, settings.model, service) for item in items]
     resolved: dict[str, Intervention] = {}
     for intervention_id in {i for i in chosen if i is not None}:
-        resolved[intervention_id] = await run_in_threadpool(load_intervention, server, intervention_id)
+        resolved[intervention_id] = await run_in_threadpool(load_intervention, server, service, intervention_id, caller)
     seeds = [item.seed if item.seed is not None else random.randrange(2**31) for item in items]
     requests = [GenerationRequest(item.prompt, item.max_new_tokens, item.temperature, item.top_p, seed,
                                   resolved[i] if i else None) for item, i, seed in zip(items, chosen, seeds, strict=True)]
@@ -82,17 +85,22 @@ def _intervention_id(item: GenerateItem, model: str, service: ServiceDep) -> str
     return chosen
 
 
-def load_intervention(server: ModelServer, intervention_id: str) -> Intervention:
-    """The server's copy of an intervention; an unknown id is a 422 naming `intervention`."""
+def load_intervention(server: ModelServer, service: JobService, intervention_id: str, caller: Caller) -> Intervention:
+    """The server's copy of an intervention `caller` may use; an unknown id, or another key's, is a 422 naming
+    `intervention`, and so is an artifact that fails its digest or the core's checks (logged)."""
     try:
+        service.interventions.get(intervention_id, caller)
         return server.intervention(intervention_id)
     except InterventionNotFound:
         raise InputError(f"no intervention {intervention_id!r}", field="intervention") from None
+    except InputError as error:
+        log.warning("intervention %s refused: %s", intervention_id, error)
+        raise
 
 
-@router.get("", dependencies=[requires("generate")])
+@router.get("")
 async def generate_text(
-    settings: SettingsDep, service: ServiceDep, server: ServerDep, metrics: MetricsDep,
+    settings: SettingsDep, service: ServiceDep, server: ServerDep, metrics: MetricsDep, caller: GeneratorDep,
     prompt: Annotated[str, Query(min_length=1, description="text to continue")],
     detox: bool = True,
     intervention: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = None,
@@ -105,12 +113,12 @@ async def generate_text(
     """Continue one prompt, detoxified or not."""
     item = GenerateItem(prompt=prompt, detox=detox, intervention=intervention, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed)
-    return await _generate([item], score, settings, service, server, metrics, ["prompt"])
+    return await _generate([item], score, settings, service, server, metrics, ["prompt"], caller)
 
 
-@router.post("", dependencies=[requires("generate")])
+@router.post("")
 async def generate_batch(body: GenerateBatch, settings: SettingsDep, service: ServiceDep, server: ServerDep,
-                         metrics: MetricsDep) -> GenerationsPublic:
+                         metrics: MetricsDep, caller: GeneratorDep) -> GenerationsPublic:
     """Continue several prompts, each with its own detox setting and sampling."""
     return await _generate(body.items, body.score, settings, service, server, metrics,
-                           [f"items.{i}.prompt" for i in range(len(body.items))])
+                           [f"items.{i}.prompt" for i in range(len(body.items))], caller)

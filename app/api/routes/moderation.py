@@ -25,6 +25,7 @@ from app.schemas import UnicodeText
 from eigenshift_core.errors import InputError, unknown_name
 from eigenshift_core.scoring import WORD_PATTERN, Scorer, WordSpan, load_scorer
 from workers.jobs import TooLarge
+from workers.scorers import grant_scorer
 from workers.settings import Settings
 
 router = APIRouter(tags=["moderation"])
@@ -151,7 +152,7 @@ def _allowed_scorer(name: str | None, settings: Settings) -> str:
         return settings.scorer
     if name not in allowed:
         raise unknown_name("model", name, allowed, field="model")
-    return name
+    return grant_scorer(settings, name, field="model")
 
 
 def _labels_and_spans(scorer: Scorer, texts: list[str]) -> tuple[list[dict[str, float]], list[list[WordSpan]]]:

@@ -28,8 +28,7 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from app.api.auth import requires
-from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
+from app.api.deps import GeneratorDep, MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import OPENAI_ERROR_RESPONSES, Problem, openai_type
 from app.api.routes.generate import check_prompt_tokens, load_intervention
 from app.metrics import Metrics
@@ -60,6 +59,7 @@ from eigenshift_core.loading import Tokenizer
 from workers.interventions import InterventionNotFound
 from workers.job_service import JobService
 from workers.jobs import TooLarge
+from workers.owners import Caller
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -229,15 +229,16 @@ def _unknown_model(name: str, served: str) -> Problem:
                         f"and {served}:<intervention id>", field="model", slug="model-not-found")
 
 
-def _intervention_id(body: CompletionParams, served: str, service: JobService) -> str | None:
-    """The intervention a request asks for, by its body fields or its model alias; None: the plain model."""
+def _intervention_id(body: CompletionParams, served: str, service: JobService, caller: Caller) -> str | None:
+    """The intervention a request asks for, by its body fields or its model alias; None: the plain model.
+    An alias naming another key's intervention is as unknown as one naming none."""
     base, colon, suffix = body.model.partition(":")
     if base != served or (colon and not suffix):
         raise _unknown_model(body.model, served)
     named = None if suffix in ("", DETOX_ALIAS) else suffix
     if named is not None:
         try:
-            record = service.interventions.get(named)
+            record = service.interventions.get(named, caller)
         except InterventionNotFound:
             raise _unknown_model(body.model, served) from None
         if record.model != served:
@@ -280,15 +281,16 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> str:
 
 
 async def _plan(kind: str, prompts: list[str], fields: list[str], body: CompletionParams, max_tokens: int,
-                settings: Settings, service: JobService, server: ModelServer) -> Run:
+                settings: Settings, service: JobService, server: ModelServer, caller: Caller) -> Run:
     """The request as rows; `fields` name each prompt's field for a refusal."""
     rows = len(prompts) * body.n
     if rows > settings.max_generate_batch:
         raise TooLarge(f"{rows} choices ({len(prompts)} prompts, n={body.n}) in one request; "
                        f"max_generate_batch={settings.max_generate_batch}")
     counts = await check_prompt_tokens(server, prompts, [max_tokens] * len(prompts), settings, fields)
-    intervention_id = await run_in_threadpool(_intervention_id, body, settings.model, service)
-    intervention = await run_in_threadpool(load_intervention, server, intervention_id) if intervention_id else None
+    intervention_id = await run_in_threadpool(_intervention_id, body, settings.model, service, caller)
+    intervention = (await run_in_threadpool(load_intervention, server, service, intervention_id, caller)
+                    if intervention_id else None)
     seed = body.seed if body.seed is not None else random.randrange(2**31)
     tokenizer = server.lm.tokenizer
     rows_prompts = [prompt for prompt in prompts for _ in range(body.n)]
@@ -371,17 +373,17 @@ async def _completion_chunks(run: Run, batcher: Batcher, include_usage: bool) ->
         yield chunk([], run.usage())
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
-             dependencies=[requires("generate")])
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)
 async def create_chat_completion(body: ChatCompletionCreate, settings: SettingsDep, service: ServiceDep,
-                                 server: ServerDep, metrics: MetricsDep) -> ChatCompletion | StreamingResponse:
+                                 server: ServerDep, metrics: MetricsDep,
+                                 caller: GeneratorDep) -> ChatCompletion | StreamingResponse:
     """Answer a chat, OpenAI style; `stream: true` sends each token as it is chosen."""
     _check_prompt_chars(sum(len(message.text()) for message in body.messages), settings)
     budget_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _token_budget(body.max_completion_tokens or body.max_tokens, budget_name,
                                settings.max_new_tokens_limit, settings)
     prompt = chat_prompt(server.lm.tokenizer, body.messages)
-    run = await _plan("chatcmpl", [prompt], ["messages"], body, max_tokens, settings, service, server)
+    run = await _plan("chatcmpl", [prompt], ["messages"], body, max_tokens, settings, service, server, caller)
     if body.stream:
         server.batcher.check_room(len(run.requests))  # a full queue is a 503 before the stream begins
         return _stream(_chat_chunks(run, server.batcher, body.include_usage()), run, metrics)
@@ -393,16 +395,16 @@ async def create_chat_completion(body: ChatCompletionCreate, settings: SettingsD
                           eigenshift=run.applied)
 
 
-@router.post("/completions", response_model=Completion, responses=STREAMED, dependencies=[requires("generate")])
+@router.post("/completions", response_model=Completion, responses=STREAMED)
 async def create_completion(body: CompletionCreate, settings: SettingsDep, service: ServiceDep, server: ServerDep,
-                            metrics: MetricsDep) -> Completion | StreamingResponse:
+                            metrics: MetricsDep, caller: GeneratorDep) -> Completion | StreamingResponse:
     """Continue a prompt (or several), OpenAI style; `stream: true` sends each token as it is chosen."""
     prompts = body.prompts()
     for prompt in prompts:
         _check_prompt_chars(len(prompt), settings)
     max_tokens = _token_budget(body.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, settings)
     fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt.{i}" for i in range(len(prompts))]
-    run = await _plan("cmpl", prompts, fields, body, max_tokens, settings, service, server)
+    run = await _plan("cmpl", prompts, fields, body, max_tokens, settings, service, server, caller)
     if body.stream:
         server.batcher.check_room(len(run.requests))
         return _stream(_completion_chunks(run, server.batcher, body.include_usage()), run, metrics)
@@ -414,10 +416,11 @@ async def create_completion(body: CompletionCreate, settings: SettingsDep, servi
                       eigenshift=run.applied)
 
 
-def _model_cards(served: str, service: JobService) -> list[ModelCard]:
-    """The served model, its `:detox` alias (the active intervention) and one alias per intervention of it."""
+def _model_cards(served: str, service: JobService, caller: Caller) -> list[ModelCard]:
+    """The served model, its `:detox` alias (the active intervention) and one alias per intervention of it
+    that `caller` may use."""
     active = service.interventions.active_id(served)
-    records = service.interventions.list(served)
+    records = service.interventions.list(caller, served)
     created = {r.id: int(r.created_at.timestamp()) for r in records}
     cards = [ModelCard(id=served, created=SERVED_SINCE, eigenshift=Detox(detox=False, intervention=None)),
              ModelCard(id=f"{served}:{DETOX_ALIAS}", created=created.get(active or "", SERVED_SINCE),
@@ -426,16 +429,16 @@ def _model_cards(served: str, service: JobService) -> list[ModelCard]:
                               eigenshift=Detox(detox=True, intervention=r.id)) for r in records]
 
 
-@router.get("/models", dependencies=[requires("generate")])
-async def list_models(settings: SettingsDep, service: ServiceDep) -> ModelList:
+@router.get("/models")
+async def list_models(settings: SettingsDep, service: ServiceDep, caller: GeneratorDep) -> ModelList:
     """List the served model and its detox aliases, OpenAI style."""
-    return ModelList(data=await run_in_threadpool(_model_cards, settings.model, service))
+    return ModelList(data=await run_in_threadpool(_model_cards, settings.model, service, caller))
 
 
-@router.get("/models/{model}", dependencies=[requires("generate")])
-async def read_model(model: str, settings: SettingsDep, service: ServiceDep) -> ModelCard:
+@router.get("/models/{model}")
+async def read_model(model: str, settings: SettingsDep, service: ServiceDep, caller: GeneratorDep) -> ModelCard:
     """Read one model or detox alias."""
-    cards = await run_in_threadpool(_model_cards, settings.model, service)
+    cards = await run_in_threadpool(_model_cards, settings.model, service, caller)
     card = next((c for c in cards if c.id == model), None)
     if card is None:
         raise _unknown_model(model, settings.model)
