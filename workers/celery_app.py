@@ -87,6 +87,7 @@ def _worker_name() -> str:
 def start_heartbeat(**_: Any) -> None:
     """Beat every `heartbeat_s` from a daemon thread (the solo pool's thread is busy with tasks)."""
     from workers.reaper import reap_expired, requeue_lost
+    from workers.sources import Uploads
     from workers.store import open_store
 
     settings = get_settings()
@@ -103,6 +104,7 @@ def start_heartbeat(**_: Any) -> None:
                 if time.monotonic() >= next_reap:
                     next_reap = time.monotonic() + settings.reap_interval_s
                     reap_expired(jobs, store, retention_s=settings.job_retention_s)
+                    Uploads(jobs.redis, store, settings.key_prefix).reap(retention_s=settings.upload_retention_s)
             except Exception:  # Redis away for a while: keep trying, the key expires meanwhile
                 log.warning("heartbeat or reaping failed", exc_info=True)
             _stop.wait(settings.heartbeat_s)

@@ -76,14 +76,16 @@ class JobService:
         record, created = self.jobs.create(kind, spec.model_dump(mode="json"), list(steps_for(kind, spec)),
                                            idempotency_key, owner=caller.name)
         if created:
-            self._enqueue(record)
+            self._enqueue(record, idempotency_key)
         return record, created
 
-    def _enqueue(self, record: JobRecord) -> None:
+    def _enqueue(self, record: JobRecord, idempotency_key: str | None = None) -> None:
         try:
             enqueue_steps(self.celery, record, self.settings.queue)
         except OperationalError as error:
             message = f"the broker refused the job: {error}"
+            if idempotency_key is not None:  # a retry with the same key must start afresh, not find this
+                self.jobs.drop_idempotency_claim(idempotency_key, record.owner, record.id)
 
             def fail(r: JobRecord) -> None:
                 r.state, r.finished_at = "failed", now()

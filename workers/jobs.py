@@ -24,6 +24,25 @@ from workers.settings import Settings
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
 IDEMPOTENCY_TTL_S = 24 * 3600
+STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+# The claim of an Idempotency-Key and the new record in one step: either both are written, or (key taken)
+# neither is and the claim is returned. KEYS: idem (when ARGV[6] == "1"), the record, then the index sets.
+CREATE_JOB = """
+local first = 2
+if ARGV[6] == "1" then
+  if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return redis.call('GET', KEYS[1]) end
+else
+  first = 1
+end
+redis.call('SET', KEYS[first], ARGV[3])
+for i = first + 1, #KEYS do redis.call('ZADD', KEYS[i], ARGV[4], ARGV[5]) end
+return false
+"""
+DROP_CLAIM = """
+local claim = redis.call('GET', KEYS[1])
+if claim and cjson.decode(claim)['job'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 # KEYS[1] the lease; ARGV holder, ttl ms. Only the holder extends or drops its lease.
 RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -133,26 +152,42 @@ class JobStore:
     def _index(self) -> str:
         return f"{self.prefix}:jobs"
 
+    def _by(self, facet: str, value: str | None) -> str:
+        """The index of the jobs with this state, kind or owner ("-": none), scored by created_at."""
+        return f"{self.prefix}:jobs:{facet}:{value if value is not None else '-'}"
+
+    def _indexes(self, record: JobRecord) -> builtins.list[str]:
+        return [self._index, self._by("state", record.state), self._by("kind", record.kind),
+                self._by("owner", record.owner)]
+
+    def _idempotency(self, idempotency_key: str, owner: str | None) -> str:
+        scoped = json.dumps([owner, idempotency_key])
+        return f"{self.prefix}:idem:{hashlib.sha256(scoped.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
     def create(self, kind: str, params: dict[str, object], steps: list[str],
                idempotency_key: str | None = None, owner: str | None = None) -> tuple[JobRecord, bool]:
         """A new queued record, or the existing one for a replayed Idempotency-Key; (record, created).
 
-        Idempotency-Keys are namespaced by `owner`: two keys may use the same one without meeting."""
+        Idempotency-Keys are namespaced by `owner`: two keys may use the same one without meeting. The claim
+        and the record are written in one step, so a claim never points at no job."""
+        self.ensure_indexes()
         record = JobRecord(id=uuid.uuid4().hex, kind=kind, params=params, steps=steps, created_at=now(), owner=owner)
-        if idempotency_key is not None:
-            scoped = json.dumps([owner, idempotency_key])
-            key = f"{self.prefix}:idem:{hashlib.sha256(scoped.encode('utf-8', 'surrogatepass')).hexdigest()}"
-            claim = json.dumps({"job": record.id, "digest": body_digest(kind, params)})
-            if not self.redis.set(key, claim, nx=True, ex=IDEMPOTENCY_TTL_S):
-                previous = json.loads(self.redis.get(key) or "{}")
-                if previous.get("digest") != body_digest(kind, params):
-                    raise IdempotencyConflict("this Idempotency-Key was used with another request body")
-                return self.get(previous["job"]), False
-        pipe = self.redis.pipeline()
-        pipe.set(self._job(record.id), record.model_dump_json())
-        pipe.zadd(self._index, {record.id: record.created_at.timestamp()})
-        pipe.execute()
-        return record, True
+        claimed = idempotency_key is not None
+        keys = ([self._idempotency(idempotency_key, owner)] if idempotency_key is not None else []) + \
+            [self._job(record.id), *self._indexes(record)]
+        claim = json.dumps({"job": record.id, "digest": body_digest(kind, params)})
+        previous = self.redis.eval(CREATE_JOB, len(keys), *keys, claim, IDEMPOTENCY_TTL_S, record.model_dump_json(),
+                                   record.created_at.timestamp(), record.id, "1" if claimed else "0")
+        if previous is None:
+            return record, True
+        first = json.loads(previous)  # type: ignore[arg-type]
+        if first.get("digest") != body_digest(kind, params):
+            raise IdempotencyConflict("this Idempotency-Key was used with another request body")
+        return self.get(first["job"]), False
+
+    def drop_idempotency_claim(self, idempotency_key: str, owner: str | None, job_id: str) -> None:
+        """Forget the key's claim if it is `job_id`'s (its enqueue failed: a retry with the key starts afresh)."""
+        self.redis.eval(DROP_CLAIM, 1, self._idempotency(idempotency_key, owner), job_id)
 
     def get(self, job_id: str) -> JobRecord:
         raw = self.redis.get(self._job(job_id))
@@ -171,38 +206,88 @@ class JobStore:
                     if raw is None:
                         raise JobNotFound(job_id)
                     record = JobRecord.model_validate_json(raw)
+                    before = record.state
                     change(record)
                     pipe.multi()
                     pipe.set(key, record.model_dump_json())
+                    if record.state != before:  # the state index follows, in the same transaction
+                        pipe.zrem(self._by("state", before), job_id)
+                        pipe.zadd(self._by("state", record.state), {job_id: record.created_at.timestamp()})
                     pipe.execute()
                     return record
                 except redis.WatchError:
                     continue
 
     def delete(self, job_id: str) -> None:
-        """Forget a job: its record and its place in the index (artifacts are the store's business)."""
+        """Forget a job: its record and its place in every index (artifacts are the store's business)."""
+        raw = self.redis.get(self._job(job_id))
         pipe = self.redis.pipeline()
         pipe.delete(self._job(job_id))
         pipe.zrem(self._index, job_id)
+        if raw is not None:
+            for index in self._indexes(JobRecord.model_validate_json(raw)):
+                pipe.zrem(index, job_id)
         pipe.execute()
 
     def list(self, *, kind: str | None = None, state: str | None = None, offset: int = 0,
              limit: int = 50, caller: Caller | None = None) -> tuple[builtins.list[JobRecord], int]:
-        """Newest first, filtered (to what `caller` sees, when given); (page, total matching)."""
-        ids: builtins.list[str] = self.redis.zrevrange(self._index, 0, -1)  # type: ignore[assignment]
-        records: builtins.list[JobRecord] = []
+        """Newest first, filtered (to what `caller` sees, when given); (page, total matching). Pages through
+        the index sets, so only the page's records are read."""
+        self.ensure_indexes()
+        sources = ([self._by("state", state)] if state else []) + ([self._by("kind", kind)] if kind else [])
+        if caller is not None and not caller.admin:
+            sources.append(self._by("owner", caller.name) if caller.name is not None else self._by("owner", "\0"))
+        if not sources:
+            index, temporary = self._index, False
+        elif len(sources) == 1:
+            index, temporary = sources[0], False
+        else:  # the intersection, kept only for this call
+            index, temporary = f"{self.prefix}:tmp:{uuid.uuid4().hex}", True
+            pipe = self.redis.pipeline()
+            pipe.zinterstore(index, sources, aggregate="MAX")
+            pipe.expire(index, 60)
+            pipe.execute()
+        try:
+            total = int(self.redis.zcard(index))
+            ids: builtins.list[str] = self.redis.zrevrange(index, offset, offset + limit - 1)  # type: ignore[assignment]
+        finally:
+            if temporary:
+                self.redis.delete(index)
+        raws = self.redis.mget([self._job(i) for i in ids]) if ids else []
+        return [JobRecord.model_validate_json(r) for r in raws if r is not None], total
+
+    def finished_before(self, cutoff: datetime) -> builtins.list[JobRecord]:
+        """Ended jobs created before `cutoff` (a superset of those that ended before it), oldest first."""
+        self.ensure_indexes()
+        ids = [str(i) for state in TERMINAL
+               for i in self.redis.zrangebyscore(self._by("state", state), "-inf", cutoff.timestamp())]
+        raws = self.redis.mget([self._job(i) for i in ids]) if ids else []
+        return [JobRecord.model_validate_json(r) for r in raws if r is not None]
+
+    def ensure_indexes(self) -> None:
+        """Build the state, kind and owner indexes from the records once (records of a version without them)."""
+        marker = f"{self.prefix}:jobs:indexed"
+        if self.redis.exists(marker):
+            return
+        ids: builtins.list[str] = self.redis.zrange(self._index, 0, -1)  # type: ignore[assignment]
         for start in range(0, len(ids), 500):
             raws = self.redis.mget([self._job(i) for i in ids[start:start + 500]])
-            records.extend(JobRecord.model_validate_json(r) for r in raws if r is not None)
-        chosen = [r for r in records if (kind is None or r.kind == kind) and (state is None or r.state == state)
-                  and (caller is None or caller.sees(r.owner))]
-        return chosen[offset:offset + limit], len(chosen)
+            pipe = self.redis.pipeline()
+            for raw in raws:
+                if raw is not None:
+                    record = JobRecord.model_validate_json(raw)
+                    for index in self._indexes(record):
+                        pipe.zadd(index, {record.id: record.created_at.timestamp()})
+            pipe.execute()
+        self.redis.set(marker, "1")
 
     def count_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
-        for record in self.list(limit=10**9)[0]:
-            counts[record.state] += 1
-        return counts
+        """Jobs in each state, from the index sizes (no record is read: /metrics scrapes this)."""
+        self.ensure_indexes()
+        pipe = self.redis.pipeline()
+        for state in STATES:
+            pipe.zcard(self._by("state", state))
+        return dict(zip(STATES, (int(n) for n in pipe.execute()), strict=True))
 
     # -- step leases: who runs a step now ---------------------------------------------------------------
     # A task holds `lease:<job>` (PX, renewed while it runs) for the step in flight, and the job sits in the

@@ -22,8 +22,7 @@ def reap_expired(jobs: JobStore, store: ArtifactStore, *, retention_s: float,
                  at: datetime | None = None) -> list[str]:
     """Delete finished jobs that ended more than `retention_s` before `at` (default now); their ids."""
     cutoff = (at or now()) - timedelta(seconds=retention_s)
-    records, _ = jobs.list(limit=10**9)
-    expired = [r.id for r in records if r.state in FINISHED and (r.finished_at or r.created_at) < cutoff]
+    expired = [r.id for r in jobs.finished_before(cutoff) if (r.finished_at or r.created_at) < cutoff]
     for job_id in expired:
         store.delete_prefix(f"jobs/{job_id}")  # artifacts first: a record never points at deleted files
         jobs.delete(job_id)

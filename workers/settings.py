@@ -101,7 +101,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout: Redis trouble is a 503, never a hang")
     retry_after_s: int = 5
     job_retention_s: int = Field(7 * 86400, ge=60, description="finished jobs and their artifacts live this long")
-    reap_interval_s: float = Field(300.0, gt=0, description="how often a worker deletes expired jobs")
+    upload_retention_s: int = Field(7 * 86400, ge=60, description="uploaded files (POST /files) live this long")
+    reap_interval_s: float = Field(300.0, gt=0, description="how often a worker deletes expired jobs and uploads")
 
     # Files.
     data_dir: Path = DEFAULT_DATA_DIR

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import redis
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.prompts import SUFFIXES
-from workers.jobs import TooLarge
+from workers.jobs import TooLarge, now
 from workers.owners import Caller
 from workers.settings import Settings
 from workers.specs import PromptSource, TextSource
@@ -53,8 +54,25 @@ class Uploads:
         """Keep `data` as a new upload owned by `caller`; its id."""
         file_id = f"{uuid.uuid4().hex}{suffix}"
         self.store.put_bytes(upload_key(file_id, field="file"), data)
-        self.redis.hset(self._owners, file_id, json.dumps({"owner": caller.name}))
+        record = {"owner": caller.name, "created_at": now().timestamp()}
+        self.redis.hset(self._owners, file_id, json.dumps(record))
         return file_id
+
+    def reap(self, *, retention_s: float, at: datetime | None = None) -> list[str]:
+        """Delete uploads older than `retention_s` (the file, then its record); their ids. Uploads recorded
+        before their time was (no `created_at`) count as made now: they go one retention period later."""
+        cutoff = ((at or now()) - timedelta(seconds=retention_s)).timestamp()
+        expired = []
+        for name, raw in self.redis.hgetall(self._owners).items():
+            file_id, record = str(name), json.loads(raw)
+            if "created_at" not in record:
+                record["created_at"] = now().timestamp()
+                self.redis.hset(self._owners, file_id, json.dumps(record))
+            elif record["created_at"] < cutoff:
+                self.store.delete(upload_key(file_id, field="file"))
+                self.redis.hdel(self._owners, file_id)
+                expired.append(file_id)
+        return expired
 
     def check(self, file_id: str, caller: Caller, *, field: str) -> None:
         """The upload exists and `caller` may use it; another key's is refused as a missing one."""

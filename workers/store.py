@@ -49,6 +49,10 @@ class ArtifactStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> None: ...
 
+    def delete(self, key: str) -> None:
+        """Remove one object (nothing when it is gone already)."""
+        ...
+
 
 def put_dir(store: ArtifactStore, prefix: str, directory: Path) -> list[str]:
     """Upload every file under `directory` to `prefix/<relative path>`; returns the relative names."""
@@ -123,6 +127,9 @@ class LocalStore:
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def _existing(self, key: str) -> Path:
         path = self._path(key)
         if not path.is_file():
@@ -196,6 +203,9 @@ class S3Store:
                 file.write(chunk)
         tmp.replace(path)
         return path
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> None:
         keys = [f"{prefix}/{name}" for name in self.list(prefix)]

@@ -101,3 +101,11 @@ def test_concurrent_writes_of_one_key_leave_one_whole_file(tmp_path: Path) -> No
         list(pool.map(lambda data: store.put_bytes("jobs/j/generate/out.bin", data), versions))
     assert store.read_bytes("jobs/j/generate/out.bin") in versions
     assert [p.name for p in (tmp_path / "jobs/j/generate").iterdir()] == ["out.bin"]  # no temp files left
+
+
+def test_delete_removes_one_object_and_nothing_beside_it(store: ArtifactStore) -> None:
+    store.put_bytes("uploads/a.txt", b"a")
+    store.put_bytes("uploads/a.txt.keep", b"b")
+    store.delete("uploads/a.txt")
+    assert not store.exists("uploads/a.txt") and store.exists("uploads/a.txt.keep")
+    store.delete("uploads/a.txt")  # gone already: nothing happens
