@@ -100,6 +100,12 @@ def _take_token(client: redis.Redis, bucket: str, rate: float, burst: int) -> fl
     return 0.0 if int(allowed) else float(wait)
 
 
+def key_name(request: Request) -> str:
+    """The name of the key that `requires` let through for this request ("" when none was checked)."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    return principal.name if principal is not None else ""
+
+
 def requires(scope: Scope) -> Any:
     """A dependency: the caller's key must be valid (else 401), hold `scope` (else 403) and be within its rate
     (else 429 with Retry-After)."""
@@ -121,6 +127,7 @@ def requires(scope: Scope) -> Any:
             raise Problem(429, f"rate limit of {rate:g} requests/s (burst {burst}) for key "
                           f"{principal.name!r} exceeded", slug="rate-limited",
                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+        request.state.principal = principal  # the route passes its name on (the batcher's per-key share)
         return principal
 
     return Depends(check)

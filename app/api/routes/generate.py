@@ -6,10 +6,10 @@ import asyncio
 import random
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.auth import requires
+from app.api.auth import key_name, requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import Problem
 from app.schemas import GenerateBatch, GenerateItem, Generation, GenerationsPublic
@@ -23,7 +23,7 @@ from workers.jobs import TooLarge
 router = APIRouter(prefix="/generate", tags=["generate"])
 
 
-async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDep, service: ServiceDep,
+async def _generate(items: list[GenerateItem], score: bool, key: str, settings: SettingsDep, service: ServiceDep,
                     server: ServerDep, metrics: MetricsDep) -> GenerationsPublic:
     if len(items) > settings.max_generate_batch:
         raise TooLarge(f"{len(items)} prompts in one request; max_generate_batch={settings.max_generate_batch}")
@@ -40,7 +40,7 @@ async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDe
     requests = [GenerationRequest(item.prompt, item.max_new_tokens, item.temperature, item.top_p, seed,
                                   resolved[i] if i else None) for item, i, seed in zip(items, chosen, seeds, strict=True)]
     try:
-        outputs = await asyncio.wait_for(server.batcher.generate(requests), timeout=settings.request_timeout_s)
+        outputs = await asyncio.wait_for(server.batcher.generate(requests, key), timeout=settings.request_timeout_s)
     except TimeoutError:
         raise Problem(504, "generation took longer than the request timeout", slug="generation-timeout") from None
     for item, output in zip(items, outputs, strict=True):
@@ -74,7 +74,7 @@ def load_intervention(server: ModelServer, intervention_id: str) -> Intervention
 
 @router.get("", dependencies=[requires("generate")])
 async def generate_text(
-    settings: SettingsDep, service: ServiceDep, server: ServerDep, metrics: MetricsDep,
+    request: Request, settings: SettingsDep, service: ServiceDep, server: ServerDep, metrics: MetricsDep,
     prompt: Annotated[str, Query(min_length=1, description="text to continue")],
     detox: bool = True,
     intervention: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = None,
@@ -87,11 +87,11 @@ async def generate_text(
     """Continue one prompt, detoxified or not."""
     item = GenerateItem(prompt=prompt, detox=detox, intervention=intervention, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, seed=seed)
-    return await _generate([item], score, settings, service, server, metrics)
+    return await _generate([item], score, key_name(request), settings, service, server, metrics)
 
 
 @router.post("", dependencies=[requires("generate")])
-async def generate_batch(body: GenerateBatch, settings: SettingsDep, service: ServiceDep, server: ServerDep,
-                         metrics: MetricsDep) -> GenerationsPublic:
+async def generate_batch(request: Request, body: GenerateBatch, settings: SettingsDep, service: ServiceDep,
+                         server: ServerDep, metrics: MetricsDep) -> GenerationsPublic:
     """Continue several prompts, each with its own detox setting and sampling."""
-    return await _generate(body.items, body.score, settings, service, server, metrics)
+    return await _generate(body.items, body.score, key_name(request), settings, service, server, metrics)

@@ -22,13 +22,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
 
-from app.api.auth import requires
+from app.api.auth import key_name, requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import OPENAI_ERROR_RESPONSES, Problem, openai_type
 from app.api.routes.generate import load_intervention
@@ -137,7 +137,7 @@ TokenEvent = tuple[int, int] | list[GenerationOutput]  # (row, token id) as chos
 
 
 async def stream_tokens(batcher: Batcher, requests: Sequence[GenerationRequest], wanted: Callable[[int], bool],
-                        deadline: float) -> AsyncGenerator[TokenEvent, None]:
+                        deadline: float, key: str = "") -> AsyncGenerator[TokenEvent, None]:
     """(row, token id) as the model thread chooses each token, then the outputs of all rows.
 
     After each token the model thread asks `wanted(row)` and ends the row when it says no. Closing the
@@ -164,7 +164,7 @@ async def stream_tokens(batcher: Batcher, requests: Sequence[GenerationRequest],
         # Tokens are queued before the outputs: the batch's last callback runs before decode_batch returns.
         try:
             events.put_nowait(await batcher.generate([replace(r, on_token=callback(row))
-                                                      for row, r in enumerate(requests)]))
+                                                      for row, r in enumerate(requests)], key))
         except Exception as error:
             events.put_nowait(error)
 
@@ -197,6 +197,7 @@ class Run:
     prompt_tokens: int
     applied: Applied
     deadline: float  # event-loop time
+    key: str = ""  # the API key's name: the batcher's per-key share
 
     def usage(self) -> Usage:
         completion = sum(len(text.token_ids) for text in self.texts)
@@ -211,7 +212,7 @@ async def choice_events(run: Run, batcher: Batcher) -> AsyncGenerator[ChoiceEven
     """Every choice's text deltas as its tokens arrive, then its finish reason (with its last delta)."""
     texts = run.texts
     async with aclosing(stream_tokens(batcher, run.requests, lambda row: not texts[row].stopped,
-                                      run.deadline)) as tokens:
+                                      run.deadline, run.key)) as tokens:
         async for event in tokens:
             if isinstance(event, list):  # every row has ended
                 for row, output in enumerate(event):
@@ -280,7 +281,7 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> str:
 
 
 async def _plan(kind: str, prompts: list[str], body: CompletionParams, max_tokens: int, settings: Settings,
-                service: JobService, server: ModelServer) -> Run:
+                service: JobService, server: ModelServer, key: str = "") -> Run:
     rows = len(prompts) * body.n
     if rows > settings.max_generate_batch:
         raise TooLarge(f"{rows} choices ({len(prompts)} prompts, n={body.n}) in one request; "
@@ -296,7 +297,7 @@ async def _plan(kind: str, prompts: list[str], body: CompletionParams, max_token
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     return Run(f"{kind}-{uuid.uuid4().hex}", int(time.time()), body.model, requests,
                [ChoiceText(tokenizer, body.stop_strings()) for _ in requests], prompt_tokens,
-               Applied(detox=intervention_id is not None, intervention=intervention_id, seed=seed), deadline)
+               Applied(detox=intervention_id is not None, intervention=intervention_id, seed=seed), deadline, key)
 
 
 async def _finish_reasons(run: Run, batcher: Batcher) -> list[FinishReason]:
@@ -371,15 +372,16 @@ async def _completion_chunks(run: Run, batcher: Batcher, include_usage: bool) ->
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED,
              dependencies=[requires("generate")])
-async def create_chat_completion(body: ChatCompletionCreate, settings: SettingsDep, service: ServiceDep,
-                                 server: ServerDep, metrics: MetricsDep) -> ChatCompletion | StreamingResponse:
+async def create_chat_completion(request: Request, body: ChatCompletionCreate, settings: SettingsDep,
+                                 service: ServiceDep, server: ServerDep,
+                                 metrics: MetricsDep) -> ChatCompletion | StreamingResponse:
     """Answer a chat, OpenAI style; `stream: true` sends each token as it is chosen."""
     _check_prompt_chars(sum(len(message.text()) for message in body.messages), settings)
     budget_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = _token_budget(body.max_completion_tokens or body.max_tokens, budget_name,
                                settings.max_new_tokens_limit, settings)
     prompt = chat_prompt(server.lm.tokenizer, body.messages)
-    run = await _plan("chatcmpl", [prompt], body, max_tokens, settings, service, server)
+    run = await _plan("chatcmpl", [prompt], body, max_tokens, settings, service, server, key_name(request))
     if body.stream:
         server.batcher.check_room(len(run.requests))  # a full queue is a 503 before the stream begins
         return _stream(_chat_chunks(run, server.batcher, body.include_usage()), run, metrics)
@@ -392,14 +394,14 @@ async def create_chat_completion(body: ChatCompletionCreate, settings: SettingsD
 
 
 @router.post("/completions", response_model=Completion, responses=STREAMED, dependencies=[requires("generate")])
-async def create_completion(body: CompletionCreate, settings: SettingsDep, service: ServiceDep, server: ServerDep,
-                            metrics: MetricsDep) -> Completion | StreamingResponse:
+async def create_completion(request: Request, body: CompletionCreate, settings: SettingsDep, service: ServiceDep,
+                            server: ServerDep, metrics: MetricsDep) -> Completion | StreamingResponse:
     """Continue a prompt (or several), OpenAI style; `stream: true` sends each token as it is chosen."""
     prompts = body.prompts()
     for prompt in prompts:
         _check_prompt_chars(len(prompt), settings)
     max_tokens = _token_budget(body.max_tokens, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS, settings)
-    run = await _plan("cmpl", prompts, body, max_tokens, settings, service, server)
+    run = await _plan("cmpl", prompts, body, max_tokens, settings, service, server, key_name(request))
     if body.stream:
         server.batcher.check_room(len(run.requests))
         return _stream(_completion_chunks(run, server.batcher, body.include_usage()), run, metrics)
