@@ -8,6 +8,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from app.serving import Batcher, Decoder, GenerationRequest, Row, fair_pick
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
@@ -104,3 +106,18 @@ def test_a_request_joins_the_running_batch(tiny_llama: LoadedModel) -> None:
     at_short_end, total = asyncio.run(scenario())
     assert total == 200  # the long row ran to its budget
     assert at_short_end < total  # and the short one was done long before: it did not wait for the batch to end
+
+
+def test_streamed_text_decodes_each_token_once(embedded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api.routes.openai_compat import ChoiceText
+
+    text = "A long answer, token by token: héllo 日本語 🎉 " * 20
+    ids = embedded.tokenizer(text)["input_ids"]
+    decode = embedded.tokenizer.decode
+    calls: list[int] = []
+    monkeypatch.setattr(embedded.tokenizer, "decode", lambda tokens, **kw: calls.append(len(tokens)) or decode(tokens, **kw))
+    choice = ChoiceText(embedded.tokenizer, stop=("never appears",))
+    deltas = [choice.push(token) for token in ids]
+    assert calls == []  # no whole-text decode per token: the streaming decoder saw each token once
+    deltas.append(choice.finish())
+    assert calls == [len(ids)] and "".join(deltas) == choice.text == text

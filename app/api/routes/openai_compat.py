@@ -4,7 +4,7 @@ events, and /v1/models, on the served model with detox switched per request.
 Detox is asked for with the body fields `detox` / `intervention` (the openai client's `extra_body=`), or
 by naming the model `<model>:detox` (the active intervention) or `<model>:<intervention id>`.
 Streaming is real: each row's `on_token` runs on the model thread as its token is chosen and hands it to
-the event loop, and the text goes out as deltas that never split a character. A client that goes away
+the event loop, and the text goes out as deltas that never split a character, each token decoded once. A client that goes away
 cancels its generation, and its rows end at their next token.
 """
 
@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
+from tokenizers.decoders import DecodeStream
 
 from app.api.auth import key_name, requires
 from app.api.deps import MetricsDep, ServerDep, ServiceDep, SettingsDep
@@ -94,9 +95,11 @@ def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 class ChoiceText:
     """One choice's text as its tokens arrive, handed out as deltas.
 
-    Each push decodes all tokens so far and hands out what is new, holding back a trailing U+FFFD (a
-    character split over tokens) and any tail that may begin a stop string. A stop string ends the choice
-    and its text ends before it. The deltas joined are the choice's text, streamed or not.
+    Each push decodes only the new token (the tokenizer's streaming decoder, which holds back a character
+    split over tokens) and hands out what is new, holding back any tail that may begin a stop string; so a
+    choice costs time linear in its length. A stop string ends the choice and its text ends before it. At
+    the end the whole text is decoded once more, so the deltas joined are exactly the tokens' text,
+    streamed or not.
     """
 
     tokenizer: Tokenizer
@@ -104,29 +107,42 @@ class ChoiceText:
     token_ids: list[int] = field(default_factory=list)  # up to the token that completed a stop string
     text: str = ""  # handed out so far
     stopped: bool = False
+    decoded: str = field(default="", repr=False)  # the text of `token_ids` as far as it is decoded
+    _stream: DecodeStream | None = field(default=None, repr=False)
 
     def push(self, token: int) -> str:
         """The new text after one more token ("" once stopped)."""
         if self.stopped:
             return ""
         self.token_ids.append(token)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            # no streaming decoder, or one whose text would differ: decode everything again
+            self.decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        else:
+            if self._stream is None:
+                self._stream = DecodeStream(skip_special_tokens=True)
+            self.decoded += self._stream.step(backend, token) or ""  # None: a character's bytes are still coming
         return self._advance(final=False)
 
     def finish(self) -> str:
         """What was held back, once the row has ended."""
-        return "" if self.stopped else self._advance(final=True)
+        if self.stopped:
+            return ""
+        self.decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> str:
-        decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
-        cut = first_stop(decoded, self.stop)
+        # What was handed out never ends with the beginning of a stop string, so one can only begin after it.
+        tail = self.decoded[len(self.text):]
+        cut = first_stop(tail, self.stop)
         if cut is not None:
-            self.stopped, ready = True, decoded[:cut]
+            self.stopped, delta = True, tail[:cut]
         elif final:
-            ready = decoded
+            delta = tail
         else:
-            ready = decoded.rstrip(REPLACEMENT)
-            ready = ready[:len(ready) - stop_prefix_length(ready, self.stop)]
-        delta = ready[len(self.text):]
+            delta = tail.rstrip(REPLACEMENT)
+            delta = delta[:len(delta) - stop_prefix_length(delta, self.stop)]
         self.text += delta
         return delta
 
