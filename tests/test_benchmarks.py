@@ -97,3 +97,14 @@ def test_evaluation_quick_shared_prefill_samples_the_same_tokens() -> None:
     assert record["tokens_agree"] is True and record["states_agree"] is True
     assert m["identical_rows"] == m["rows"] == 16 * 4 and m["max_abs_state_diff"] <= 1e-5
     assert 0 < m["generated_tokens"] <= 16 * 4 * 8 and m["prompt_tokens"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_healthz_quick_answers_probes_and_refusals_under_load() -> None:
+    record = run_benchmark("healthz")
+    m = record["measurements"]
+    assert record["settings"]["clients"] == 8
+    for phase in ("idle", "loaded"):
+        assert m[phase]["healthz"]["count"] > 0
+        assert m[phase]["rate_limited_429"]["count"] > 0 and m[phase]["queue_full_503"]["count"] > 0
+    assert m["generation"]["requests"] > 0 and m["generation"]["tokens"] > 0
