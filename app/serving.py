@@ -463,22 +463,29 @@ class Batcher:
                 while not self._stopping and not self._queue and self.decoder.idle:
                     self._wake.wait()
                 if self._stopping:
-                    return
+                    break
                 was_idle = self.decoder.idle
             if was_idle and self.window_s > 0:
                 time.sleep(self.window_s)  # company for the first request
-            self._admit()
-            ended = self.decoder.drop(lambda row: row.ticket is not None and row.ticket.cancelled)
             try:
+                self._admit()
+                ended = self.decoder.drop(lambda row: row.ticket is not None and row.ticket.cancelled)
                 ended += self.decoder.step()
+                for row in ended:
+                    self._finish(row)
             except Exception as error:  # the batch's cache is lost: every row in it fails
-                for ticket in {id(row.ticket): row.ticket for row in self.decoder.clear() if row.ticket}.values():
-                    ticket.cancelled = True  # its rows still waiting go too
-                    self._hand(ticket, error)
-                continue
-            for row in ended:
-                self._finish(row)
+                self._fail([row.ticket for row in self.decoder.clear() if row.ticket], error)
             time.sleep(0)  # the event loop may take the GIL between steps
+        with self._wake:  # stopped: nobody will run what is left
+            waiting = [ticket for _, ticket, _ in self._queue]
+            self._queue.clear()
+        self._fail([row.ticket for row in self.decoder.clear() if row.ticket] + waiting,
+                   Busy("the server is shutting down"))
+
+    def _fail(self, tickets: list[_Ticket], error: Exception) -> None:
+        for ticket in {id(ticket): ticket for ticket in tickets}.values():
+            ticket.cancelled = True  # its rows still waiting go too
+            self._hand(ticket, error)
 
     def _admit(self) -> None:
         """Move waiting rows into the decoder as room allows, fairly between keys."""
