@@ -1,10 +1,20 @@
-"""Text from the served model, many requests per forward pass, each with its own detox setting.
+"""Text from the served model: continuous batching, every row with its own detox setting.
 
-`decode_batch` runs one left-padded batch through a KV-cached sampling loop. Every row has its own
-seed, temperature, top-p and token budget, and its own intervention (or none): each intervention in
-the batch is one lm_head pre-hook whose row mask selects its rows, so detox on and off share a batch,
-the weights are never copied and no second head exists. `Batcher` gathers the requests that arrive
-within a short window into one such batch.
+`Decoder` holds the running batch. Each `step` prefills waiting rows (at most `prefill_tokens` padded prompt
+tokens per step; a longer prompt is fed alone in chunks over several steps, so it cannot hold the batch),
+merges them into the batch's KV cache, runs one decode forward for every running row and lets the rows that
+ended go (their cache rows are dropped with `index_select` at the next merge). The cache is one
+`DynamicCache` of shape (rows, kv_heads, T, head_dim) per layer with a (rows, T) attention mask: rows of
+different lengths are left-padded with masked zeros, and each row has its own position ids, so what a row
+computes does not depend on its neighbours. Every row has its own seed (its own generator, one draw per
+token), temperature, top-p, token budget and intervention (or none): each intervention in a forward pass is
+one lm_head pre-hook whose row mask selects its rows, so detox on and off share a batch, the weights are
+never copied and no second head exists.
+
+`Batcher` runs the decoder on a thread of its own and, before every step, admits waiting rows into the
+running batch: first come first served, but a key holding its share of the batch waits while another key's
+rows wait. The event loop only queues rows and receives outputs, so it stays free for other requests.
+`decode_batch` runs a fixed set of requests through a decoder to the end.
 """
 
 from __future__ import annotations
@@ -12,17 +22,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from app.sampling import sample_next_tokens
 from eigenshift_core.generation import stop_token_ids
 from eigenshift_core.intervention import Intervention
-from eigenshift_core.loading import LoadedModel
+from eigenshift_core.loading import LoadedModel, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -53,156 +67,463 @@ def _cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
-def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-    """Continue every request in one batch; rows stop independently."""
-    tokenizer, model, n = lm.tokenizer, lm.model, len(requests)
-    encoded = [tokenizer(r.prompt)["input_ids"] for r in requests]
-    batch = tokenizer.pad({"input_ids": encoded}, return_tensors="pt")
-    input_ids = batch["input_ids"].to(model.device)  # (n, L), left-padded
-    mask = batch["attention_mask"].to(model.device)  # (n, L)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: padding changes nothing
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    temperatures, top_ps = [r.temperature for r in requests], [r.top_p for r in requests]
-    stop = stop_token_ids(lm)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    finish = ["length"] * n
-    active = [True] * n
-    groups: dict[int, tuple[Intervention, torch.Tensor]] = {}
-    for row, request in enumerate(requests):
-        if request.intervention is not None:
-            key = id(request.intervention)
-            groups.setdefault(key, (request.intervention, torch.zeros(n, dtype=torch.bool)))[1][row] = True
-    with ExitStack() as hooks:
-        for intervention, rows in groups.values():
-            hooks.enter_context(intervention.applied(model, rows=rows))
-        past = None
-        cache_arg = _cache_argument(model)
-        for _ in range(max(r.max_new_tokens for r in requests)):
-            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **{cache_arg: past})
-            past = getattr(out, cache_arg)
-            logits = out.logits[:, -1].to("cpu", torch.float32)  # (n, vocab)
-            logp = torch.log_softmax(logits, dim=-1)
-            sampled = sample_next_tokens(logits, temperatures, top_ps, generators)  # all rows at once
-            chosen = []
-            for row, request in enumerate(requests):
-                token = sampled[row] if active[row] else int(tokenizer.pad_token_id)
-                chosen.append(token)
-                if not active[row]:
-                    continue
-                if token in stop:
-                    active[row], finish[row] = False, "stop"
-                    continue
-                tokens[row].append(token)
-                logprobs[row].append(float(logp[row, token]))
-                if request.on_token is not None and not request.on_token(token):
-                    active[row], finish[row] = False, "stop"
-                elif len(tokens[row]) >= request.max_new_tokens:
-                    active[row] = False
-            if not any(active):
-                break
-            input_ids = torch.tensor(chosen, device=model.device)[:, None]  # (n, 1)
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            positions = positions[:, -1:] + 1
-    return [GenerationOutput(str(tokenizer.decode(t, skip_special_tokens=True)), t, lp, f)
-            for t, lp, f in zip(tokens, logprobs, finish, strict=True)]
+# One row, and the rows that share a cache.
 
+@dataclass(eq=False)
+class Row:
+    """One request in the decoder: the prompt ids still to feed, its random stream, what it has produced."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    generator: torch.Generator
+    ticket: _Ticket | None = None  # the `Batcher.generate` call it belongs to, and its index there
+    index: int = 0
+    wave: _Wave | None = None
+    fed: int = 0  # tokens in this row's cache: the position of its next input
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str = "length"
+    ended: bool = False
+
+    def accept(self, token: int, logprob: float, stop: set[int]) -> None:
+        """Take one chosen token: a stop token ends the row unkept; the budget or `on_token` may end it."""
+        if token in stop:
+            self.ended, self.finish = True, "stop"
+            return
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if self.request.on_token is not None and not self.request.on_token(token):
+            self.ended, self.finish = True, "stop"
+        elif len(self.tokens) >= self.request.max_new_tokens:
+            self.ended = True
+
+    def output(self, tokenizer: Tokenizer) -> GenerationOutput:
+        text = str(tokenizer.decode(self.tokens, skip_special_tokens=True))
+        return GenerationOutput(text, self.tokens, self.logprobs, self.finish)
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, each (rows, kv_heads, T, head_dim)
+
+
+@dataclass(eq=False)
+class _Block:
+    """Rows that share one KV cache, in its batch order, and their (rows, T) attention mask (0: padding)."""
+
+    rows: list[Row]
+    cache: DynamicCache | None  # None only for a long prompt before its first chunk
+    mask: torch.Tensor
+
+
+def _tensors(cache: DynamicCache | None) -> KV:
+    assert cache is not None, "a block joins the batch only once its prompt is fed"
+    layers: KV = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
+            # sliding windows and the like keep state we cannot re-pad
+            raise NotImplementedError(f"continuous batching needs full-attention caches, not {type(layer).__name__}")
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if width == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge(blocks: Sequence[_Block], compact: bool) -> _Block | None:
+    """One block of the rows of `blocks`, in order: ended rows dropped (when `compact`), columns that are
+    padding in every row trimmed, the rest left-padded to a common length. None when no row is live."""
+    if all(row.ended for block in blocks for row in block.rows):
+        return None
+    if len(blocks) == 1 and (not compact or not any(r.ended for r in blocks[0].rows)) and bool(blocks[0].mask[:, 0].any()):
+        return blocks[0]  # nothing joined, left or to trim
+    parts: list[tuple[list[Row], KV, torch.Tensor]] = []
+    for block in blocks:
+        keep = [i for i, row in enumerate(block.rows) if not (compact and row.ended)]
+        if not keep:
+            continue
+        layers, mask = _tensors(block.cache), block.mask
+        if len(keep) < len(block.rows):
+            index = torch.tensor(keep, device=mask.device)
+            layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+            mask = mask.index_select(0, index)
+        first = int(mask.any(0).int().argmax())  # the first column some row uses
+        if first:
+            layers, mask = [(k[:, :, first:], v[:, :, first:]) for k, v in layers], mask[:, first:]
+        parts.append(([block.rows[i] for i in keep], layers, mask))
+    if not parts:
+        return None
+    width = max(mask.shape[1] for _, _, mask in parts)
+    merged = [(torch.cat([_left_pad(p[1][i][0], width - p[2].shape[1], 2) for p in parts]),
+               torch.cat([_left_pad(p[1][i][1], width - p[2].shape[1], 2) for p in parts]))
+              for i in range(len(parts[0][1]))]
+    mask = torch.cat([_left_pad(p[2], width - p[2].shape[1], 1) for p in parts])
+    return _Block([row for p in parts for row in p[0]], DynamicCache(merged), mask)
+
+
+@contextlib.contextmanager
+def _interventions(model: torch.nn.Module, rows: Sequence[Row]) -> Iterator[None]:
+    """Each intervention among `rows` hooked on lm_head for its own rows, for one forward pass."""
+    groups: dict[int, tuple[Intervention, torch.Tensor]] = {}
+    for i, row in enumerate(rows):
+        if row.request.intervention is not None:
+            key = id(row.request.intervention)
+            groups.setdefault(key, (row.request.intervention, torch.zeros(len(rows), dtype=torch.bool)))[1][i] = True
+    with ExitStack() as hooks:
+        for intervention, mask in groups.values():
+            hooks.enter_context(intervention.applied(model, rows=mask))
+        yield
+
+
+class Decoder:
+    """The running batch of the served model (used from one thread at a time).
+
+    `add` queues a row; `step` prefills what the token budget allows, decodes one token for every
+    running row and returns the rows that ended; `drop` ends rows early; `clear` lets every row go.
+    """
+
+    def __init__(self, lm: LoadedModel, *, prefill_tokens: int | None = None, compact: bool = True) -> None:
+        self.lm = lm
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens per step; None: no limit
+        # Whether ended rows leave the batch (their compute freed) or ride along to its end, keeping the batch's
+        # shape: the arithmetic, and so every logprob to the last bit, then stays that of one fixed batch.
+        self.compact = compact
+        self._stop = stop_token_ids(lm)
+        self._cache_arg = _cache_argument(lm.model)
+        self._device = lm.model.device
+        self._waiting: deque[Row] = deque()
+        self._partial: _Block | None = None  # one long prompt part-way through its prefill, alone
+        self._batch: _Block | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows held: waiting for prefill, part-way through it, or decoding."""
+        running = sum(not row.ended for row in self._batch.rows) if self._batch else 0
+        return len(self._waiting) + (self._partial is not None) + running
+
+    @property
+    def idle(self) -> bool:
+        return self.rows == 0
+
+    def live_rows(self) -> list[Row]:
+        running = [row for row in self._batch.rows if not row.ended] if self._batch else []
+        return [*self._waiting, *(self._partial.rows if self._partial else []), *running]
+
+    def add(self, request: GenerationRequest, ticket: _Ticket | None = None, index: int = 0,
+            wave: _Wave | None = None) -> Row:
+        """Queue one request for prefill; its row (the output comes with it once it has ended)."""
+        ids = list(self.lm.tokenizer(request.prompt)["input_ids"]) or [int(self.lm.tokenizer.eos_token_id)]
+        row = Row(request, ids, torch.Generator().manual_seed(request.seed), ticket, index, wave)
+        if request.max_new_tokens <= 0:
+            row.ended = True
+        self._waiting.append(row)
+        return row
+
+    def drop(self, unwanted: Callable[[Row], bool]) -> list[Row]:
+        """End the rows that `unwanted` names (their cache rows go at the next step); those rows."""
+        dropped = [row for row in self.live_rows() if unwanted(row)]
+        for row in dropped:
+            row.ended, row.finish = True, "stop"
+        self._waiting = deque(row for row in self._waiting if not row.ended)
+        if self._partial is not None and self._partial.rows[0].ended:
+            self._partial = None
+        return dropped
+
+    def clear(self) -> list[Row]:
+        """Let every row go (after a failed step: the cache may be half-updated); those rows."""
+        rows = self.live_rows()
+        self._waiting.clear()
+        self._partial = self._batch = None
+        return rows
+
+    @torch.inference_mode()
+    def step(self) -> list[Row]:
+        """One scheduling step; the rows that ended in it, in no particular order."""
+        ended = [row for row in self._waiting if row.ended]  # a budget of 0
+        self._waiting = deque(row for row in self._waiting if not row.ended)
+        joining = self._prefill()
+        ended += [row for block in joining for row in block.rows if row.ended]
+        self._batch = _merge([block for block in (self._batch, *joining) if block is not None], self.compact)
+        if self._batch is not None:
+            ended += self._decode(self._batch)
+        return ended
+
+    def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache | None) -> DynamicCache:
+        """One forward pass; each row takes the token chosen from its last logits. The updated cache."""
+        with _interventions(self.lm.model, rows):
+            out = self.lm.model(input_ids=input_ids.to(self._device), attention_mask=mask,
+                                position_ids=positions.to(self._device), use_cache=True, logits_to_keep=1,
+                                **{self._cache_arg: cache})
+        logits = out.logits[:, -1].to("cpu", torch.float32)  # (rows, vocab)
+        sampled = sample_next_tokens(logits, [r.request.temperature for r in rows], [r.request.top_p for r in rows],
+                                     [r.generator for r in rows])
+        chosen = torch.tensor(sampled)[:, None]
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, chosen)[:, 0].tolist()  # (rows,)
+        for row, token, logprob in zip(rows, sampled, logprobs, strict=True):
+            if not row.ended:  # one riding along (not `compact`) keeps what it had
+                row.accept(token, logprob, self._stop)
+        return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
+
+    def _prefill(self) -> list[_Block]:
+        """Feed prompts within the step's budget: first the long prompt part-way through, then whole prompts
+        in arrival order as one left-padded batch. The blocks whose prompts are done (first token chosen)."""
+        budget = self.prefill_tokens if self.prefill_tokens is not None else math.inf
+        done: list[_Block] = []
+        if self._partial is not None:
+            budget -= self._feed_partial(int(min(budget, len(self._partial.rows[0].prompt))))
+            if not self._partial.rows[0].prompt:
+                done.append(self._partial)
+                self._partial = None
+        group: list[Row] = []
+        while self._waiting:
+            longest = max([len(self._waiting[0].prompt), *(len(r.prompt) for r in group)])
+            if (len(group) + 1) * longest <= budget:
+                group.append(self._waiting.popleft())
+            elif not group and self._partial is None and budget > 0:  # too long for one step: chunks, alone
+                row = self._waiting.popleft()
+                self._partial = _Block([row], None, torch.ones(1, 0, dtype=torch.long, device=self._device))
+                self._feed_partial(int(budget))
+                break
+            else:
+                break
+        if group:
+            done.append(self._feed_group(group))
+        return done
+
+    def _feed_partial(self, chunk: int) -> int:
+        """The next `chunk` prompt tokens of the long prompt; the token it chooses is kept only after the last."""
+        assert self._partial is not None
+        row = self._partial.rows[0]
+        ids, row.prompt = row.prompt[:chunk], row.prompt[chunk:]
+        mask = torch.ones(1, row.fed + chunk, dtype=torch.long, device=self._device)
+        positions = torch.arange(row.fed, row.fed + chunk)[None]
+        if row.prompt:  # not the last chunk: no token is chosen yet
+            out = self.lm.model(input_ids=torch.tensor([ids], device=self._device), attention_mask=mask,
+                                position_ids=positions.to(self._device), use_cache=True, logits_to_keep=1,
+                                **{self._cache_arg: self._partial.cache})
+            cache = getattr(out, self._cache_arg)
+        else:
+            cache = self._forward([row], torch.tensor([ids]), mask, positions, self._partial.cache)
+        row.fed += chunk
+        self._partial = _Block([row], cache, mask)
+        return chunk
+
+    def _feed_group(self, group: list[Row]) -> _Block:
+        """Whole prompts as one left-padded batch (padding masked, positions counted over real tokens)."""
+        width = max(len(row.prompt) for row in group)
+        pad = int(self.lm.tokenizer.pad_token_id)
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in group])  # (rows, width)
+        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=self._device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._forward(group, input_ids, mask, positions, None)
+        for row in group:
+            row.fed, row.prompt = len(row.prompt), []
+        return _Block(group, cache, mask)
+
+    def _decode(self, batch: _Block) -> list[Row]:
+        """One token for every running row; the rows that ended."""
+        rows = batch.rows
+        pad = int(self.lm.tokenizer.pad_token_id)
+        input_ids = torch.tensor([[row.tokens[-1] if row.tokens else pad] for row in rows])  # (rows, 1): last chosen
+        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=self._device)], dim=1)
+        positions = torch.tensor([[row.fed] for row in rows])
+        live = [row for row in rows if not row.ended]
+        batch.cache = self._forward(rows, input_ids, mask, positions, batch.cache)
+        batch.mask = mask
+        for row in rows:
+            row.fed += 1
+        return [row for row in live if row.ended]
+
+
+def decode_batch(lm: LoadedModel, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+    """Continue every request, all prefilled together and decoded to the end; rows stop independently."""
+    decoder = Decoder(lm, compact=False)
+    rows = [decoder.add(request) for request in requests]
+    while not decoder.idle:
+        decoder.step()
+    return [row.output(lm.tokenizer) for row in rows]
+
+
+# The scheduler in front of the decoder.
 
 class Busy(Exception):
     """The generation queue is full: answered 503 with Retry-After at once, never queued."""
 
 
-@dataclass
-class _Pending:
-    request: GenerationRequest
-    future: asyncio.Future[GenerationOutput]
+@dataclass(eq=False)
+class _Ticket:
+    """One `Batcher.generate` call: its rows' outputs, handed to `future` on the event loop once all have ended."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[GenerationOutput]]
+    key: str
+    outputs: list[GenerationOutput | None]
+    left: int
+    cancelled: bool = False  # set on the event loop when the caller stopped waiting, read on the model thread
+
+
+@dataclass(eq=False)
+class _Wave:
+    """Rows admitted in one step; their outputs go to `on_batch` once all have ended."""
+
+    left: int
+    outputs: list[GenerationOutput] = field(default_factory=list)
+
+
+def _settle(future: asyncio.Future[list[GenerationOutput]], result: list[GenerationOutput] | BaseException) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+def fair_pick(keys: Sequence[str], held: Counter[str], room: int, share: int) -> list[int]:
+    """Which waiting rows (their keys, oldest first) to admit into `room` free rows: first come first served
+    among the keys holding fewer than `share` rows (`held` counts the running ones), then, if room is left,
+    the rest in order (no other key is waiting for it)."""
+    counts = Counter(held)
+    picked: list[int] = []
+    for i, key in enumerate(keys):
+        if len(picked) == room:
+            return picked
+        if counts[key] < share:
+            counts[key] += 1
+            picked.append(i)
+    chosen = set(picked)
+    return sorted(picked + [i for i in range(len(keys)) if i not in chosen][:room - len(picked)])
 
 
 class Batcher:
-    """Dynamic batching: the first waiting request opens a window of `window_s`; whatever arrives in
-    it (up to `max_size` rows) runs as one batch on the single model thread."""
+    """Continuous batching: before every decode step the model thread admits waiting rows (up to `max_size`
+    in the batch, each key at most `key_share` of it while another key waits) and lets finished rows go.
+    When the batch was empty, the first request waits `window_s` for company."""
 
-    def __init__(self, run: Callable[[list[GenerationRequest]], list[GenerationOutput]], *, max_size: int,
-                 window_s: float, on_batch: Callable[[list[GenerationOutput]], None] | None = None,
-                 max_waiting: int | None = None) -> None:
-        self.run = run
+    def __init__(self, decoder: Decoder, *, max_size: int, window_s: float,
+                 on_batch: Callable[[list[GenerationOutput]], None] | None = None,
+                 max_waiting: int | None = None, key_share: float = 1.0) -> None:
+        self.decoder = decoder
         self.max_waiting = max_waiting
         self.waiting = 0  # rows queued or in the running batch
         self.max_size = max_size
         self.window_s = window_s
+        self.key_share = key_share
         self.on_batch = on_batch
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eigenshift-model")
+        self._queue: deque[tuple[GenerationRequest, _Ticket, int]] = deque()  # not yet admitted, oldest first
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._loop())
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="eigenshift-model", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 60)
 
     def check_room(self, rows: int) -> None:
         """Raise Busy when `rows` more would overfill the queue (a stream asks before its response starts)."""
         if self.max_waiting is not None and self.waiting + rows > self.max_waiting:
             raise Busy(f"the generation queue is full ({self.waiting} of max_generate_queue={self.max_waiting} rows)")
 
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        """Queue the requests (they may land in different batches) and wait for all of them."""
-        assert self._queue is not None, "Batcher.start() was not awaited"
+    async def generate(self, requests: Sequence[GenerationRequest], key: str = "") -> list[GenerationOutput]:
+        """Queue the requests of one caller (`key`: its API key's name) and wait for all of them; they join
+        the running batch as room frees up, each on its own."""
+        assert self._thread is not None, "Batcher.start() was not awaited"
         self.check_room(len(requests))
+        if not requests:
+            return []
         loop = asyncio.get_running_loop()
-        pending = [_Pending(r, loop.create_future()) for r in requests]
-        self.waiting += len(pending)
+        ticket = _Ticket(loop, loop.create_future(), key, [None] * len(requests), len(requests))
+        self.waiting += len(requests)
         try:
-            for item in pending:
-                self._queue.put_nowait(item)
-            return list(await asyncio.gather(*(item.future for item in pending)))
-        finally:  # also when the client went away: its futures are cancelled and the batch loop skips them
-            self.waiting -= len(pending)
-            for item in pending:
-                item.future.cancel()
+            with self._wake:
+                self._queue.extend((request, ticket, i) for i, request in enumerate(requests))
+                self._wake.notify()
+            return await ticket.future
+        finally:  # also when the caller went away: its rows end before the next step
+            self.waiting -= len(requests)
+            ticket.cancelled = True
 
-    async def _loop(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
+    # On the model thread.
+
+    def _serve(self) -> None:
         while True:
-            items = [await self._queue.get()]
-            deadline = loop.time() + self.window_s
-            while len(items) < self.max_size:
-                try:
-                    items.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
+            with self._wake:
+                while not self._stopping and not self._queue and self.decoder.idle:
+                    self._wake.wait()
+                if self._stopping:
                     break
-                try:
-                    items.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            live = [item for item in items if not item.future.done()]  # a client that gave up
-            if not live:
-                continue
+                was_idle = self.decoder.idle
+            if was_idle and self.window_s > 0:
+                time.sleep(self.window_s)  # company for the first request
             try:
-                outputs = await loop.run_in_executor(self._executor, self.run, [i.request for i in live])
-            except Exception as error:
-                for item in live:
-                    if not item.future.done():
-                        item.future.set_exception(error)
-                continue
-            for item, output in zip(live, outputs, strict=True):
-                if not item.future.done():
-                    item.future.set_result(output)
-            if self.on_batch is not None:
-                self.on_batch(outputs)
+                self._admit()
+                ended = self.decoder.drop(lambda row: row.ticket is not None and row.ticket.cancelled)
+                ended += self.decoder.step()
+                for row in ended:
+                    self._finish(row)
+            except Exception as error:  # the batch's cache is lost: every row in it fails
+                self._fail([row.ticket for row in self.decoder.clear() if row.ticket], error)
+            time.sleep(0)  # the event loop may take the GIL between steps
+        with self._wake:  # stopped: nobody will run what is left
+            waiting = [ticket for _, ticket, _ in self._queue]
+            self._queue.clear()
+        self._fail([row.ticket for row in self.decoder.clear() if row.ticket] + waiting,
+                   Busy("the server is shutting down"))
+
+    def _fail(self, tickets: list[_Ticket], error: Exception) -> None:
+        for ticket in {id(ticket): ticket for ticket in tickets}.values():
+            ticket.cancelled = True  # its rows still waiting go too
+            self._hand(ticket, error)
+
+    def _admit(self) -> None:
+        """Move waiting rows into the decoder as room allows, fairly between keys."""
+        with self._wake:
+            queued = [entry for entry in self._queue if not entry[1].cancelled]
+            room = self.max_size - self.decoder.rows
+            if room <= 0 or not queued:
+                self._queue = deque(queued)
+                return
+            held = Counter(row.ticket.key for row in self.decoder.live_rows() if row.ticket)
+            share = max(1, math.ceil(self.key_share * self.max_size))
+            picked = fair_pick([ticket.key for _, ticket, _ in queued], held, room, share)
+            chosen = set(picked)
+            self._queue = deque(entry for i, entry in enumerate(queued) if i not in chosen)
+        wave = _Wave(len(picked))
+        for i in picked:
+            request, ticket, index = queued[i]
+            self.decoder.add(request, ticket, index, wave)  # tokenizes: outside the lock
+
+    def _finish(self, row: Row) -> None:
+        output = row.output(self.decoder.lm.tokenizer)
+        if row.wave is not None:
+            row.wave.outputs.append(output)
+            row.wave.left -= 1
+            if row.wave.left == 0 and self.on_batch is not None:
+                self.on_batch(row.wave.outputs)
+        ticket = row.ticket
+        if ticket is None:
+            return
+        ticket.outputs[row.index] = output
+        ticket.left -= 1
+        if ticket.left == 0:
+            self._hand(ticket, [o for o in ticket.outputs if o is not None])
+
+    @staticmethod
+    def _hand(ticket: _Ticket, result: list[GenerationOutput] | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is waiting
+            ticket.loop.call_soon_threadsafe(_settle, ticket.future, result)
 
 
 def context_length(lm: LoadedModel) -> int | None:
@@ -220,12 +541,12 @@ class ModelServer:
 
     def __init__(self, lm: LoadedModel, resolve: Callable[[str], Intervention], *, max_size: int, window_s: float,
                  on_batch: Callable[[list[GenerationOutput]], None] | None = None,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, prefill_tokens: int | None = None, key_share: float = 1.0) -> None:
         self.lm = lm
         self._resolve = resolve
         self._interventions: dict[str, Intervention] = {}
-        self.batcher = Batcher(lambda requests: decode_batch(lm, requests), max_size=max_size, window_s=window_s,
-                               on_batch=on_batch, max_waiting=max_waiting)
+        self.batcher = Batcher(Decoder(lm, prefill_tokens=prefill_tokens), max_size=max_size, window_s=window_s,
+                               on_batch=on_batch, max_waiting=max_waiting, key_share=key_share)
 
     def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:
         """Each prompt's length in tokens, as `decode_batch` encodes it."""

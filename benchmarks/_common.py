@@ -33,9 +33,13 @@ T = TypeVar("T")
 _LOAD_AT_START: list[float] = []
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """--quick (a smaller run, under a minute on 2 CPU cores) and --threads (torch and BLAS threads)."""
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               options: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """--quick (a smaller run, under a minute on 2 CPU cores), --threads (torch and BLAS threads) and what
+    `options` adds."""
     parser = argparse.ArgumentParser(description=description)
+    if options is not None:
+        options(parser)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under 60 s on a 2-core CPU")
     parser.add_argument(
         "--threads", type=int, default=None,

@@ -14,10 +14,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"name", "ratio", "target", "passed", "measurements", "settings"}
 
 
-def run_benchmark(name: str) -> dict:
+def run_benchmark(name: str, *extra: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{name}", "--quick"],
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", *extra],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -97,3 +97,27 @@ def test_evaluation_quick_shared_prefill_samples_the_same_tokens() -> None:
     assert record["tokens_agree"] is True and record["states_agree"] is True
     assert m["identical_rows"] == m["rows"] == 8 * 4 and m["max_abs_state_diff"] <= 1e-5
     assert 0 < m["generated_tokens"] <= 8 * 4 * 6 and m["prompt_tokens"] > 0
+
+
+
+@pytest.mark.timeout(600)
+def test_healthz_quick_answers_probes_and_refusals_under_load() -> None:
+    record = run_benchmark("healthz")
+    m = record["measurements"]
+    assert record["settings"]["clients"] == 8
+    for phase in ("idle", "loaded"):
+        assert m[phase]["healthz"]["count"] > 0
+        assert m[phase]["rate_limited_429"]["count"] > 0 and m[phase]["queue_full_503"]["count"] > 0
+    assert m["generation"]["requests"] > 0 and m["generation"]["tokens"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_gpu_checks_pass_on_cpu_quick() -> None:
+    record = run_benchmark("gpu", "--device", "cpu")
+    m = record["measurements"]
+    assert set(m) == {"exactness_float16", "exactness_bfloat16", "scheduler", "decompose"}
+    assert record["settings"]["device"] == "cpu" and m["decompose"]["shape"] == [8000, 1024]
+    for dtype in ("float16", "bfloat16"):
+        assert set(m[f"exactness_{dtype}"]) >= {"w_prime", "hf_export", "lora_export"}
+    assert m["scheduler"]["identical_rows"] == m["scheduler"]["rows"] == 16 and m["scheduler"]["detox_rows"] == 8
+    assert all(check["passed"] for check in m.values()) and record["passed"] is True

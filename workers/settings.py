@@ -134,8 +134,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)
 
     # Serving limits.
-    batch_max_size: int = Field(32, ge=1, description="rows per dynamic batch of /generate")
+    batch_max_size: int = Field(32, ge=1, description="rows in the running batch of /generate (continuous batching)")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the first request waits for company")
+    prefill_tokens_per_step: int = Field(256, ge=1, description="padded prompt tokens prefilled per decode step; a "
+                                                               "longer prompt is fed in chunks over several steps")
+    batch_key_share: float = Field(0.5, gt=0, le=1, description="share of the batch one API key may hold while "
+                                                                "another key's rows wait")
     max_body_bytes: int = Field(2_000_000, ge=1024)
     max_prompt_chars: int = Field(4000, ge=1)
     max_prompt_tokens: int = Field(2048, ge=1, description="tokens in one prompt of /generate and the OpenAI routes "

@@ -117,19 +117,25 @@ def test_on_token_sees_each_kept_token_as_it_is_chosen_and_can_end_its_row(tiny_
 
 def _gate_decode_batch(monkeypatch: pytest.MonkeyPatch, hold: Callable[[Callable[[int], bool], int], bool]
                        ) -> list[list[GenerationOutput]]:
-    """Route the live server's batches through `hold(on_token, token)` for every streamed token (it runs on
-    the model thread and answers for the row); the outputs of each batch are returned in the list."""
+    """Route the live server's rows through `hold(on_token, token)` for every streamed token (it runs on the
+    model thread and answers for the row); the outputs of the rows that end in a step are returned in the list."""
     batches: list[list[GenerationOutput]] = []
+    add, step = serving.Decoder.add, serving.Decoder.step
 
-    def gated(lm: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+    def gated_add(self: serving.Decoder, request: GenerationRequest, *args: Any) -> serving.Row:
         def wrap(on_token: Callable[[int], bool]) -> Callable[[int], bool]:
             return lambda token: hold(on_token, token)
 
-        outputs = decode_batch(lm, [replace(r, on_token=wrap(r.on_token)) if r.on_token else r for r in requests])
-        batches.append(outputs)
-        return outputs
+        return add(self, replace(request, on_token=wrap(request.on_token)) if request.on_token else request, *args)
 
-    monkeypatch.setattr(serving, "decode_batch", gated)
+    def recorded_step(self: serving.Decoder) -> list[serving.Row]:
+        ended = step(self)
+        if ended:
+            batches.append([row.output(self.lm.tokenizer) for row in ended])
+        return ended
+
+    monkeypatch.setattr(serving.Decoder, "add", gated_add)
+    monkeypatch.setattr(serving.Decoder, "step", recorded_step)
     return batches
 
 
@@ -356,10 +362,10 @@ def test_a_failed_generation_is_an_error_whole_or_streamed(live_server: str, set
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     oai = openai.OpenAI(base_url=live_server + "/v1", api_key=admin_key(settings), max_retries=0)  # its own connection
 
-    def broken(lm: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+    def broken(self: serving.Decoder) -> list[serving.Row]:
         raise RuntimeError("the model thread failed")
 
-    monkeypatch.setattr(serving, "decode_batch", broken)
+    monkeypatch.setattr(serving.Decoder, "step", broken)
     stream = oai.chat.completions.create(model="embedded", messages=CHAT, max_tokens=2, stream=True)
     assert next(stream).choices[0].delta.role == "assistant"  # the stream had begun: the error comes as an event
     with pytest.raises(openai.APIError) as failed:

@@ -44,6 +44,7 @@ async def check_prompt_tokens(server: ModelServer, prompts: Sequence[str], max_n
 
 async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDep, service: ServiceDep,
                     server: ServerDep, metrics: MetricsDep, fields: Sequence[str], caller: Caller) -> GenerationsPublic:
+    key = caller.name or ""  # the batch's fair share is per API key
     if len(items) > settings.max_generate_batch:
         raise TooLarge(f"{len(items)} prompts in one request; max_generate_batch={settings.max_generate_batch}")
     for item in items:
@@ -61,7 +62,7 @@ async def _generate(items: list[GenerateItem], score: bool, settings: SettingsDe
     requests = [GenerationRequest(item.prompt, item.max_new_tokens, item.temperature, item.top_p, seed,
                                   resolved[i] if i else None) for item, i, seed in zip(items, chosen, seeds, strict=True)]
     try:
-        outputs = await asyncio.wait_for(server.batcher.generate(requests), timeout=settings.request_timeout_s)
+        outputs = await asyncio.wait_for(server.batcher.generate(requests, key), timeout=settings.request_timeout_s)
     except TimeoutError:
         raise Problem(504, "generation took longer than the request timeout", slug="generation-timeout") from None
     for item, output in zip(items, outputs, strict=True):

@@ -4,7 +4,7 @@ events, and /v1/models, on the served model with detox switched per request.
 Detox is asked for with the body fields `detox` / `intervention` (the openai client's `extra_body=`), or
 by naming the model `<model>:detox` (the active intervention) or `<model>:<intervention id>`.
 Streaming is real: each row's `on_token` runs on the model thread as its token is chosen and hands it to
-the event loop, and the text goes out as deltas that never split a character. A client that goes away
+the event loop, and the text goes out as deltas that never split a character, each token decoded once. A client that goes away
 cancels its generation, and its rows end at their next token.
 """
 
@@ -27,6 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 from pydantic import BaseModel
+from tokenizers.decoders import DecodeStream
 
 from app.api.deps import GeneratorDep, MetricsDep, ServerDep, ServiceDep, SettingsDep
 from app.api.errors import OPENAI_ERROR_RESPONSES, Problem, openai_type
@@ -94,9 +95,11 @@ def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
 class ChoiceText:
     """One choice's text as its tokens arrive, handed out as deltas.
 
-    Each push decodes all tokens so far and hands out what is new, holding back a trailing U+FFFD (a
-    character split over tokens) and any tail that may begin a stop string. A stop string ends the choice
-    and its text ends before it. The deltas joined are the choice's text, streamed or not.
+    Each push decodes only the new token (the tokenizer's streaming decoder, which holds back a character
+    split over tokens) and hands out what is new, holding back any tail that may begin a stop string; so a
+    choice costs time linear in its length. A stop string ends the choice and its text ends before it. At
+    the end the whole text is decoded once more, so the deltas joined are exactly the tokens' text,
+    streamed or not.
     """
 
     tokenizer: Tokenizer
@@ -104,29 +107,42 @@ class ChoiceText:
     token_ids: list[int] = field(default_factory=list)  # up to the token that completed a stop string
     text: str = ""  # handed out so far
     stopped: bool = False
+    decoded: str = field(default="", repr=False)  # the text of `token_ids` as far as it is decoded
+    _stream: DecodeStream | None = field(default=None, repr=False)
 
     def push(self, token: int) -> str:
         """The new text after one more token ("" once stopped)."""
         if self.stopped:
             return ""
         self.token_ids.append(token)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            # no streaming decoder, or one whose text would differ: decode everything again
+            self.decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        else:
+            if self._stream is None:
+                self._stream = DecodeStream(skip_special_tokens=True)
+            self.decoded += self._stream.step(backend, token) or ""  # None: a character's bytes are still coming
         return self._advance(final=False)
 
     def finish(self) -> str:
         """What was held back, once the row has ended."""
-        return "" if self.stopped else self._advance(final=True)
+        if self.stopped:
+            return ""
+        self.decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> str:
-        decoded = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
-        cut = first_stop(decoded, self.stop)
+        # What was handed out never ends with the beginning of a stop string, so one can only begin after it.
+        tail = self.decoded[len(self.text):]
+        cut = first_stop(tail, self.stop)
         if cut is not None:
-            self.stopped, ready = True, decoded[:cut]
+            self.stopped, delta = True, tail[:cut]
         elif final:
-            ready = decoded
+            delta = tail
         else:
-            ready = decoded.rstrip(REPLACEMENT)
-            ready = ready[:len(ready) - stop_prefix_length(ready, self.stop)]
-        delta = ready[len(self.text):]
+            delta = tail.rstrip(REPLACEMENT)
+            delta = delta[:len(delta) - stop_prefix_length(delta, self.stop)]
         self.text += delta
         return delta
 
@@ -137,7 +153,7 @@ TokenEvent = tuple[int, int] | list[GenerationOutput]  # (row, token id) as chos
 
 
 async def stream_tokens(batcher: Batcher, requests: Sequence[GenerationRequest], wanted: Callable[[int], bool],
-                        deadline: float) -> AsyncGenerator[TokenEvent, None]:
+                        deadline: float, key: str = "") -> AsyncGenerator[TokenEvent, None]:
     """(row, token id) as the model thread chooses each token, then the outputs of all rows.
 
     After each token the model thread asks `wanted(row)` and ends the row when it says no. Closing the
@@ -164,7 +180,7 @@ async def stream_tokens(batcher: Batcher, requests: Sequence[GenerationRequest],
         # Tokens are queued before the outputs: the batch's last callback runs before decode_batch returns.
         try:
             events.put_nowait(await batcher.generate([replace(r, on_token=callback(row))
-                                                      for row, r in enumerate(requests)]))
+                                                      for row, r in enumerate(requests)], key))
         except Exception as error:
             events.put_nowait(error)
 
@@ -197,6 +213,7 @@ class Run:
     prompt_tokens: int
     applied: Applied
     deadline: float  # event-loop time
+    key: str = ""  # the API key's name: the batcher's per-key share
 
     def usage(self) -> Usage:
         completion = sum(len(text.token_ids) for text in self.texts)
@@ -211,7 +228,7 @@ async def choice_events(run: Run, batcher: Batcher) -> AsyncGenerator[ChoiceEven
     """Every choice's text deltas as its tokens arrive, then its finish reason (with its last delta)."""
     texts = run.texts
     async with aclosing(stream_tokens(batcher, run.requests, lambda row: not texts[row].stopped,
-                                      run.deadline)) as tokens:
+                                      run.deadline, run.key)) as tokens:
         async for event in tokens:
             if isinstance(event, list):  # every row has ended
                 for row, output in enumerate(event):
@@ -283,6 +300,7 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[ChatMessage]) -> str:
 async def _plan(kind: str, prompts: list[str], fields: list[str], body: CompletionParams, max_tokens: int,
                 settings: Settings, service: JobService, server: ModelServer, caller: Caller) -> Run:
     """The request as rows; `fields` name each prompt's field for a refusal."""
+    key = caller.name or ""  # the batch's fair share is per API key
     rows = len(prompts) * body.n
     if rows > settings.max_generate_batch:
         raise TooLarge(f"{rows} choices ({len(prompts)} prompts, n={body.n}) in one request; "
@@ -300,7 +318,7 @@ async def _plan(kind: str, prompts: list[str], fields: list[str], body: Completi
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     return Run(f"{kind}-{uuid.uuid4().hex}", int(time.time()), body.model, requests,
                [ChoiceText(tokenizer, body.stop_strings()) for _ in requests], prompt_tokens,
-               Applied(detox=intervention_id is not None, intervention=intervention_id, seed=seed), deadline)
+               Applied(detox=intervention_id is not None, intervention=intervention_id, seed=seed), deadline, key)
 
 
 async def _finish_reasons(run: Run, batcher: Batcher) -> list[FinishReason]:

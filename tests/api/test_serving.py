@@ -1,0 +1,123 @@
+"""Continuous batching: a row's tokens depend neither on its neighbours nor on when it joined the batch;
+requests join a running batch; a key holding its share of the batch lets another key's rows in first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from app.serving import Batcher, Decoder, GenerationRequest, Row, fair_pick
+from eigenshift_core.intervention import Intervention
+from eigenshift_core.loading import LoadedModel
+
+OTHERS = ["The worst people in the world are", "Shut up, you", "He is such a", "Hello",
+          "I can't believe you would say that to me after everything we have been through together, and",
+          "Once upon a time", "My neighbour keeps", "Why do you always", "The weather today is",
+          "If you ever touch my car again I will", "She said that he was a", "Honestly, the whole team is"]
+
+
+def _run(lm: LoadedModel, requests: list[GenerationRequest], *, join_per_step: int, prefill_tokens: int) -> list[Row]:
+    """Every request through one decoder, `join_per_step` of them joining the running batch at each step."""
+    decoder = Decoder(lm, prefill_tokens=prefill_tokens)
+    pending, rows = list(requests), []
+    while pending or not decoder.idle:
+        for _ in range(join_per_step):
+            if pending:
+                rows.append(decoder.add(pending.pop(0)))
+        decoder.step()
+    return rows
+
+
+def test_a_rows_tokens_do_not_depend_on_its_batch(embedded: LoadedModel, default_intervention: Path) -> None:
+    detox = Intervention.load(default_intervention)
+    prompt = "I can't believe you would say"
+    targets = [GenerationRequest(prompt, 12, 0.0, 1.0, 0), GenerationRequest(prompt, 12, 0.0, 1.0, 0, detox),
+               GenerationRequest(prompt, 12, 0.9, 0.9, 7), GenerationRequest(prompt, 12, 0.9, 0.9, 7, detox)]
+    others = [GenerationRequest(p, 2 + 3 * (i % 4), 0.7 * (i % 2), 0.95, 100 + i, detox if i % 3 == 0 else None)
+              for i, p in enumerate(OTHERS)]  # rows that join and leave around the targets; prompts over 12 tokens are fed in chunks
+    alone = [_run(embedded, [target], join_per_step=1, prefill_tokens=256)[0] for target in targets]
+    mixed = others[:3] + targets[:2] + others[3:8] + targets[2:] + others[8:]
+    assert len(mixed) == 16
+    rows = {id(row.request): row for row in _run(embedded, mixed, join_per_step=3, prefill_tokens=12)}
+    for target, single in zip(targets, alone, strict=True):
+        among = rows[id(target)]
+        assert among.tokens == single.tokens and among.finish == single.finish
+        assert len(single.tokens) > 0
+    assert alone[0].tokens != alone[1].tokens or alone[0].logprobs != alone[1].logprobs  # detox took effect
+    assert alone[0].tokens != alone[2].tokens  # and sampling did
+
+
+def test_fair_pick_lets_a_waiting_key_in_before_one_over_its_share() -> None:
+    assert fair_pick(["a", "a", "a", "b"], Counter(), room=2, share=1) == [0, 3]
+    assert fair_pick(["a", "a", "b"], Counter({"b": 1}), room=2, share=1) == [0, 1]  # b holds its share
+    assert fair_pick(["a", "a", "a"], Counter(), room=2, share=1) == [0, 1]  # alone, a may take all the room
+    assert fair_pick(["a", "b", "c"], Counter(), room=5, share=1) == [0, 1, 2]
+    assert fair_pick([], Counter(), room=3, share=1) == []
+
+
+async def _completion_order(lm: LoadedModel, key_share: float) -> list[str]:
+    batcher = Batcher(Decoder(lm, prefill_tokens=256), max_size=2, window_s=0.05, key_share=key_share)
+    await batcher.start()
+    done: list[str] = []
+    try:
+        async def call(key: str, rows: int) -> None:
+            await batcher.generate([GenerationRequest("hello there", 24, 0.0, 1.0, 0)] * rows, key)
+            done.append(key)
+
+        await asyncio.gather(call("a", 4), call("b", 1))
+    finally:
+        await batcher.stop()
+    return done
+
+
+def test_a_key_over_its_share_waits_while_another_keys_rows_do(tiny_llama: LoadedModel) -> None:
+    assert asyncio.run(_completion_order(tiny_llama, key_share=0.5)) == ["b", "a"]  # b runs beside a's first row
+    assert asyncio.run(_completion_order(tiny_llama, key_share=1.0)) == ["a", "b"]  # first come first served
+
+
+def test_a_request_joins_the_running_batch(tiny_llama: LoadedModel) -> None:
+    long = GenerationRequest("abc", 200, 0.0, 1.0, 0)
+
+    async def scenario() -> tuple[int, int]:
+        batcher = Batcher(Decoder(tiny_llama), max_size=8, window_s=0.0)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        started, seen = asyncio.Event(), [0]
+
+        def on_token(_token: int) -> bool:  # on the model thread
+            seen[0] += 1
+            loop.call_soon_threadsafe(started.set)
+            return True
+
+        try:
+            running = asyncio.create_task(batcher.generate([replace(long, on_token=on_token)]))
+            await started.wait()
+            await batcher.generate([GenerationRequest("hello", 3, 0.0, 1.0, 0)])
+            at_short_end = seen[0]
+            output = (await running)[0]
+        finally:
+            await batcher.stop()
+        return at_short_end, len(output.token_ids)
+
+    at_short_end, total = asyncio.run(scenario())
+    assert total == 200  # the long row ran to its budget
+    assert at_short_end < total  # and the short one was done long before: it did not wait for the batch to end
+
+
+def test_streamed_text_decodes_each_token_once(embedded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api.routes.openai_compat import ChoiceText
+
+    text = "A long answer, token by token: héllo 日本語 🎉 " * 20
+    ids = embedded.tokenizer(text)["input_ids"]
+    decode = embedded.tokenizer.decode
+    calls: list[int] = []
+    monkeypatch.setattr(embedded.tokenizer, "decode", lambda tokens, **kw: calls.append(len(tokens)) or decode(tokens, **kw))
+    choice = ChoiceText(embedded.tokenizer, stop=("never appears",))
+    deltas = [choice.push(token) for token in ids]
+    assert calls == []  # no whole-text decode per token: the streaming decoder saw each token once
+    deltas.append(choice.finish())
+    assert calls == [len(ids)] and "".join(deltas) == choice.text == text
