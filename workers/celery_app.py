@@ -1,5 +1,5 @@
 """The Celery app (`celery -A workers.celery_app worker -P solo`), configured lazily from `Settings`, and
-what goes onto its queue: a job's steps (`enqueue_steps`) and its webhook (`queue_notification`).
+what goes onto its queue: a job's next step (`enqueue_steps`) and its webhook (`queue_notification`).
 
 Nothing reads the environment at import: `add_defaults` takes a callable that runs on first use.
 A worker writes a heartbeat key while it lives, so readiness never depends on a busy solo pool
@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, chain, signals
+from celery import Celery, signals
 
 from workers.jobs import TERMINAL, JobRecord, JobStore, connect
 from workers.settings import Settings, get_settings
@@ -31,13 +31,12 @@ MARKER_TTL_S = 30 * 86400  # a job is notified once; longer than any retention k
 
 
 def enqueue_steps(celery: Celery, record: JobRecord, queue: str) -> None:
-    """Queue the job's steps that are not done yet, as one chain (each task skips what it finds done)."""
-    signatures = [celery.signature(TASK_NAMES[step], args=(record.id,), immutable=True, queue=queue)
-                  for step in record.steps if step not in record.steps_done]
-    if len(signatures) > 1:
-        chain(*signatures).apply_async(retry=False)
-    elif signatures:
-        signatures[0].apply_async(retry=False)
+    """Queue the job's first step that is not done yet. Each step queues the next one itself, while it still
+    holds the job's lease (see `workers.runner`): a worker lost between two steps leaves its lease to expire,
+    and the job is requeued, never stranded `running` with no step queued."""
+    remaining = [step for step in record.steps if step not in record.steps_done]
+    if remaining:
+        celery.send_task(TASK_NAMES[remaining[0]], args=(record.id,), queue=queue, retry=False)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:

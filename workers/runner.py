@@ -128,7 +128,8 @@ RUNNING_ELSEWHERE = "skipped: running elsewhere"
 ABANDONED = "abandoned: lease lost"
 
 
-def run_step(job_id: str, step: str, function: StepFunction, settings: Settings | None = None) -> str:
+def run_step(job_id: str, step: str, function: StepFunction, settings: Settings | None = None, *,
+             enqueue_next: Callable[[JobRecord], None] | None = None) -> str:
     """Run `step` of `job_id` unless the job is over, the step is done or another task holds the job's lease;
     returns what happened. The lease is renewed while the step runs, so a dead worker's job can be found."""
     settings = settings or get_settings()
@@ -137,14 +138,18 @@ def run_step(job_id: str, step: str, function: StepFunction, settings: Settings 
     if not jobs.claim(job_id, holder, settings.lease_s):
         return RUNNING_ELSEWHERE
     every_s = min(settings.heartbeat_s, settings.lease_s / 3)
-    with step_lease(jobs, job_id, holder, ttl_s=settings.lease_s, every_s=every_s) as lost:
-        return _run_claimed(job_id, step, function, settings, jobs, store, interventions, holder, lost)
+    stranded = threading.Event()  # the next step could not be queued: keep the job in flight for the reaper
+    with step_lease(jobs, job_id, holder, ttl_s=settings.lease_s, every_s=every_s, keep=stranded.is_set) as lost:
+        return _run_claimed(job_id, step, function, settings, jobs, store, interventions, holder, lost,
+                            enqueue_next, stranded)
 
 
 @contextmanager
-def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_s: float) -> Iterator[threading.Event]:
-    """Renew the job's lease from a daemon thread while the block runs; always released on the way out.
-    Yields an event that is set once a renewal finds the lease gone (expired, or another task's)."""
+def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_s: float,
+               keep: Callable[[], bool] = lambda: False) -> Iterator[threading.Event]:
+    """Renew the job's lease from a daemon thread while the block runs; released on the way out unless
+    `keep()` (then it expires on its own and the reaper requeues the job). Yields an event that is set once
+    a renewal finds the lease gone (expired, or another task's)."""
     stop, lost = threading.Event(), threading.Event()
 
     def renew() -> None:
@@ -165,13 +170,15 @@ def step_lease(jobs: JobStore, job_id: str, holder: str, *, ttl_s: float, every_
         stop.set()
         thread.join()
         try:
-            jobs.release(job_id, holder)
+            if not keep():
+                jobs.release(job_id, holder)
         except Exception:  # the lease expires on its own; the reaper then finds a finished job and drops it
             log.warning("could not release the lease of job %s", job_id, exc_info=True)
 
 
 def _run_claimed(job_id: str, step: str, function: StepFunction, settings: Settings, jobs: JobStore,
-                 store: ArtifactStore, interventions: InterventionRegistry, holder: str, lost: threading.Event) -> str:
+                 store: ArtifactStore, interventions: InterventionRegistry, holder: str, lost: threading.Event,
+                 enqueue_next: Callable[[JobRecord], None] | None, stranded: threading.Event) -> str:
     record = jobs.get(job_id)
     if record.state in TERMINAL:
         queue_notification(jobs, job_id)  # a job cancelled while queued ends here (once per job)
@@ -232,7 +239,13 @@ def _run_claimed(job_id: str, step: str, function: StepFunction, settings: Setti
         if all(s in r.steps_done for s in r.steps):
             r.state, r.finished_at = "succeeded", now()
 
-    jobs.update(job_id, done)
+    record = jobs.update(job_id, done)
+    if record.state == "running" and enqueue_next is not None:  # more steps: queue the next while leased
+        try:
+            enqueue_next(record)
+        except Exception:
+            log.exception("could not queue the next step of job %s: its lease will expire and it is requeued", job_id)
+            stranded.set()
     queue_notification(jobs, job_id)  # the job's webhook, when that was its last step
     shutil.rmtree(base, ignore_errors=True)
     return "done"

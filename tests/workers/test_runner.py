@@ -12,7 +12,7 @@ import pytest
 
 from eigenshift_core.errors import InputError
 from eigenshift_core.progress import Cancelled
-from workers.jobs import JobStore, connect
+from workers.jobs import JobRecord, JobStore, connect
 from workers.runner import ABANDONED, RUNNING_ELSEWHERE, StepContext, StepResult, run_step
 from workers.settings import Settings
 from workers.store import open_store
@@ -196,3 +196,37 @@ def test_the_job_time_limit_stops_a_running_step(worker_settings: Settings) -> N
     record = JobStore(connect(settings), settings.key_prefix).get(job_id)
     assert record.state == "failed" and record.error and record.error.type == "JobTimeLimit"
     assert record.artifacts == ["extract/partial.json"]  # what it wrote is kept
+
+
+def test_each_step_queues_the_next_while_it_holds_the_lease(worker_settings: Settings) -> None:
+    from workers.reaper import requeue_lost
+
+    settings = worker_settings.model_copy(update={"lease_s": 0.5, "heartbeat_s": 0.1})
+    jobs = JobStore(connect(settings), settings.key_prefix)
+    job_id = _job(settings, ["extract", "reconstruct"])
+    queued: list[tuple[list[str], str | None]] = []
+
+    def enqueue_next(record: JobRecord) -> None:  # sees the step done and the lease still held
+        queued.append((record.steps_done, jobs.redis.get(jobs._lease(job_id))))
+
+    assert run_step(job_id, "extract", _writes("states.safetensors")[0], settings, enqueue_next=enqueue_next) == "done"
+    assert len(queued) == 1 and queued[0][0] == ["extract"] and queued[0][1] is not None
+    assert jobs.in_flight_without_lease() == []  # handed on: nothing for the reaper
+    assert run_step(job_id, "reconstruct", _writes("intervention.json")[0], settings, enqueue_next=enqueue_next) == "done"
+    assert len(queued) == 1 and jobs.get(job_id).state == "succeeded"  # the last step queues nothing
+
+    # The broker refuses the next step (or the worker dies before queuing it): the lease is left to expire,
+    # and the reaper requeues the job, which is never stranded `running` with nothing queued.
+    job_id = _job(settings, ["extract", "reconstruct"])
+
+    def refuse(_: JobRecord) -> None:
+        raise ConnectionError("broker away")
+
+    assert run_step(job_id, "extract", _writes("states.safetensors")[0], settings, enqueue_next=refuse) == "done"
+    deadline = time.monotonic() + 30  # only ends a hung test
+    while job_id not in jobs.in_flight_without_lease() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    requeued: list[str] = []
+    outcomes = requeue_lost(jobs, lambda r: requeued.append(r.id), lambda _: None, max_attempts=3)
+    assert outcomes == {job_id: "requeued"} and requeued == [job_id]
+    assert jobs.get(job_id).steps_done == ["extract"]  # the requeue runs what is left
