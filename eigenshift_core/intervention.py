@@ -183,6 +183,9 @@ class Intervention:
             raise InputError(f"no intervention artifact in {directory} (needs {ARTIFACT_TENSORS} and {ARTIFACT_JSON})", field="intervention")
         try:
             info = json.loads(json_path.read_text())
+            if isinstance(info, dict) and info.get("kind", "eigenshift") != "eigenshift":
+                raise InputError(f"{directory} holds an intervention of kind {info['kind']!r}, not EigenShift's: "
+                                 "read it with eigenshift_core.families.load_any", field="intervention")
             t = load_file(str(tensors_path))
             intervention = Intervention(
                 t["directions"], t["alphas"], t["singular_values"], t["indices"], t["delta"], t["scores"], info
