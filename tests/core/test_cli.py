@@ -122,3 +122,15 @@ def test_usage_errors_are_one_line_without_traceback() -> None:
     help_text = subprocess.run([sys.executable, "-m", "eigenshift_core.cli", "pipeline", "--help"],
                                capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "--train-rows" in help_text.stdout
+
+
+def test_every_subcommand_help_shows_the_configs_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from eigenshift_core.configs import EvaluateConfig, ReconstructConfig, default_of
+
+    for command, shown in (("reconstruct", [f"(default: {default_of(ReconstructConfig, 'criterion')})",
+                                            f"(default: {default_of(ReconstructConfig, 'alpha')})"]),
+                           ("evaluate", [f"(default: {default_of(EvaluateConfig, 'samples')})",
+                                         f"(default: {default_of(EvaluateConfig, 'ppl_window')})"])):
+        assert main([command, "--help"]) == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert all(item in text for item in shown), (command, shown)
