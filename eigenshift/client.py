@@ -719,6 +719,7 @@ class AsyncClient(_Base):
 def _reconstruct_spec(arguments: Mapping[str, Any]) -> JSON:
     """A reconstruct spec from `submit_reconstruct`'s keyword arguments (self and the key left out)."""
     spec = {name: value for name, value in arguments.items() if name not in ("self", "idempotency_key")}
-    if isinstance(spec.get("alpha"), Sequence):
-        spec["alpha"] = list(spec["alpha"])
+    alpha = spec.get("alpha")
+    if isinstance(alpha, Sequence) and not isinstance(alpha, str):  # "auto" is a Sequence too
+        spec["alpha"] = list(alpha)
     return spec

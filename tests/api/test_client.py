@@ -265,3 +265,10 @@ def test_the_wait_bar_has_the_stages_total_unit_and_an_eta() -> None:
     bar.show(replace(job, progress=JobProgress("evaluate: scoring", 0, 512, "texts")))  # a new stage, a new total
     assert bar.bar.total == 512 and bar.bar.n == 0 and bar.bar.unit == "texts"
     bar.close()
+
+
+def test_alpha_is_sent_as_given_auto_a_number_or_k_numbers() -> None:
+    from eigenshift.client import _reconstruct_spec
+
+    for given, sent in (("auto", "auto"), (0.5, 0.5), ((0.1, 0.2), [0.1, 0.2]), ([0.3], [0.3])):
+        assert _reconstruct_spec({"self": None, "idempotency_key": None, "alpha": given})["alpha"] == sent
