@@ -22,7 +22,7 @@ from eigenshift_core.configs import (
     PipelineConfig,
     ReconstructConfig,
     config_from,
-    default_of,
+    field_default,
 )
 from eigenshift_core.errors import InputError
 
@@ -70,16 +70,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _default(name: str) -> Any:
-    """A flag's default is its config field's default (the same for every step that has the field)."""
-    for config in (PipelineConfig, EvaluateConfig, ExtractConfig, ReconstructConfig, GenerateConfig):
-        try:
-            return default_of(config, name)
-        except KeyError:
-            continue
-    raise KeyError(name)
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="hub id, local directory, or 'embedded'")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -88,8 +78,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"], help="weights' dtype")
     p.add_argument("--cache-dir", type=Path, default=None, help="where `embedded` is converted once "
                    "(None: ~/.cache/eigenshift)")
-    p.add_argument("--batch-size", type=_positive, default=_default("batch_size"), help="rows per forward pass")
-    p.add_argument("--seed", type=int, default=_default("seed"), help="seeds sampling and subsampling")
+    p.add_argument("--batch-size", type=_positive, default=field_default("batch_size"), help="rows per forward pass")
+    p.add_argument("--seed", type=int, default=field_default("seed"), help="seeds sampling and subsampling")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
 
@@ -100,44 +90,44 @@ def _add_prompts(p: argparse.ArgumentParser, *, rows: bool = True) -> None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=_positive, default=_default("samples"), help="continuations per prompt (paper: 25)")
-    p.add_argument("--max-new-tokens", type=_positive, default=_default("max_new_tokens"), help="tokens per continuation")
+    p.add_argument("--samples", type=_positive, default=field_default("samples"), help="continuations per prompt (paper: 25)")
+    p.add_argument("--max-new-tokens", type=_positive, default=field_default("max_new_tokens"), help="tokens per continuation")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--top-p", type=_finite_float, default=_default("top_p"), help="nucleus sampling mass")
-    p.add_argument("--temperature", type=_finite_float, default=_default("temperature"), help="sampling temperature")
+    p.add_argument("--top-p", type=_finite_float, default=field_default("top_p"), help="nucleus sampling mass")
+    p.add_argument("--temperature", type=_finite_float, default=field_default("temperature"), help="sampling temperature")
 
 
 def _add_scorer(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scorer", default=_default("scorer"), help="profanity, hf:<id-or-dir>, detoxify:<ckpt>")
-    p.add_argument("--threshold", type=_finite_float, default=_default("threshold"),
+    p.add_argument("--scorer", default=field_default("scorer"), help="profanity, hf:<id-or-dir>, detoxify:<ckpt>")
+    p.add_argument("--threshold", type=_finite_float, default=field_default("threshold"),
                    help="score at which a text counts as toxic")
 
 
 def _add_reconstruct(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--criterion", default=_default("criterion"), help="selection criterion: selectivity (toxic "
+    p.add_argument("--criterion", default=field_default("criterion"), help="selection criterion: selectivity (toxic "
                    "gain per unit of ordinary cost; chooses α), delta (the paper's, sign-free), logit (toxic-token "
                    "logit contribution)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--k", type=int, default=None, help="number of directions to damp (None: 100, at most d)")
     group.add_argument("--percentile", type=_finite_float, default=None, help="paper's p: k = ceil(d·(1 − p))")
-    p.add_argument("--alpha", type=_alphas, default=_default("alpha"), help="scale of the chosen σᵢ: one value, "
+    p.add_argument("--alpha", type=_alphas, default=field_default("alpha"), help="scale of the chosen σᵢ: one value, "
                    "k comma-separated values, or 'auto' (the criterion's own, per direction)")
 
 
 def _add_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-words", type=_positive, default=_default("top_words"), help="toxic words taken per toxic continuation")
+    p.add_argument("--top-words", type=_positive, default=field_default("top_words"), help="toxic words taken per toxic continuation")
     p.add_argument("--require-argmax", action="store_true", help="keep a toxic state only where the model's argmax is the word's token")
-    p.add_argument("--max-nontoxic", type=_positive, default=_default("max_nontoxic"), help="cap on non-toxic states (seeded subsample)")
+    p.add_argument("--max-nontoxic", type=_positive, default=field_default("max_nontoxic"), help="cap on non-toxic states (seeded subsample)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-text", type=Path, default=None, help="neutral text for perplexity (e.g. WikiText-2 test); "
                    "None: the perplexity of the baseline's own continuations")
-    p.add_argument("--ppl-window", type=_positive, default=_default("ppl_window"), help="tokens per perplexity window")
-    p.add_argument("--ppl-stride", type=_positive, default=_default("ppl_stride"), help="tokens between window starts")
-    p.add_argument("--ppl-max-tokens", type=_positive, default=_default("ppl_max_tokens"), help="tokens of --ppl-text scored")
-    p.add_argument("--n-boot", type=_positive, default=_default("n_boot"), help="bootstrap resamples for the 95 %% intervals")
-    p.add_argument("--second-scorer", type=_optional_scorer, default=_default("second_scorer"),
+    p.add_argument("--ppl-window", type=_positive, default=field_default("ppl_window"), help="tokens per perplexity window")
+    p.add_argument("--ppl-stride", type=_positive, default=field_default("ppl_stride"), help="tokens between window starts")
+    p.add_argument("--ppl-max-tokens", type=_positive, default=field_default("ppl_max_tokens"), help="tokens of --ppl-text scored")
+    p.add_argument("--n-boot", type=_positive, default=field_default("n_boot"), help="bootstrap resamples for the 95 %% intervals")
+    p.add_argument("--second-scorer", type=_optional_scorer, default=field_default("second_scorer"),
                    help="a second judge reported beside --scorer (under `judges`); 'none' disables it")
 
 

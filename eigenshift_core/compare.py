@@ -24,7 +24,7 @@ from typing import Any, cast
 import numpy as np
 
 from eigenshift_core.aura import POOLINGS, Pooling, build_aura_from_reference_csv
-from eigenshift_core.configs import FluencyOptions, SamplingConfig, ScoringConfig
+from eigenshift_core.configs import FluencyOptions, SamplingConfig, ScoringConfig, field_default
 from eigenshift_core.errors import InputError
 from eigenshift_core.evaluation import TextScorer, score_in_batches
 from eigenshift_core.families import DetoxIntervention, family_of, load_any
@@ -221,11 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aura-pooling", choices=POOLINGS, default="max", help="pooling of activations over tokens")
     p.add_argument("--aura-max-tokens", type=cli._positive, default=64, help="tokens of each text read")
     p.add_argument("--ppl-text", type=Path, default=None, help="neutral text for perplexity (None: no perplexity)")
-    p.add_argument("--ppl-window", type=cli._positive, default=cli._default("ppl_window"), help="tokens per window")
-    p.add_argument("--ppl-stride", type=cli._positive, default=cli._default("ppl_stride"), help="tokens between windows")
-    p.add_argument("--ppl-max-tokens", type=cli._positive, default=cli._default("ppl_max_tokens"),
+    p.add_argument("--ppl-window", type=cli._positive, default=field_default("ppl_window"), help="tokens per window")
+    p.add_argument("--ppl-stride", type=cli._positive, default=field_default("ppl_stride"), help="tokens between windows")
+    p.add_argument("--ppl-max-tokens", type=cli._positive, default=field_default("ppl_max_tokens"),
                    help="tokens of --ppl-text scored")
-    p.add_argument("--n-boot", type=cli._positive, default=cli._default("n_boot"), help="bootstrap resamples")
+    p.add_argument("--n-boot", type=cli._positive, default=field_default("n_boot"), help="bootstrap resamples")
     return p
 
 

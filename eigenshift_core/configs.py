@@ -133,6 +133,16 @@ def default_of(config: type, name: str) -> Any:
     raise KeyError(f"{config.__name__} has no field {name!r}")
 
 
+def field_default(name: str) -> Any:
+    """The default of field `name`, which every config that has the field shares (for flags and schemas)."""
+    for config in (PipelineConfig, EvaluateConfig, ExtractConfig, ReconstructConfig, GenerateConfig):
+        try:
+            return default_of(config, name)
+        except KeyError:
+            continue
+    raise KeyError(f"no config has a field {name!r}")
+
+
 def config_from(config: type, values: Any, **given: Any) -> Any:
     """A `config` from the same-named attributes (or keys) of `values`, with `given` taking precedence."""
     names = {field.name for field in dataclasses.fields(config)}

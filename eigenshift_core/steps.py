@@ -6,12 +6,19 @@ deletes what an earlier step wrote: each writes its own files, atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from eigenshift_core.configs import EvaluateConfig, ExtractConfig, GenerateConfig, ReconstructConfig
+from eigenshift_core.configs import (
+    EvaluateConfig,
+    ExtractConfig,
+    GenerateConfig,
+    ReconstructConfig,
+    SamplingConfig,
+)
 from eigenshift_core.errors import InputError
 from eigenshift_core.evaluation import evaluate
 from eigenshift_core.extraction import Judgement, extract_states, import_reference_csv
@@ -59,8 +66,7 @@ def write_json(path: Path, data: object) -> None:
 
 def sampling_of(config: Any) -> dict[str, Any]:
     """The generation arguments of a config with `SamplingConfig`'s fields."""
-    return {name: getattr(config, name) for name in
-            ("samples", "max_new_tokens", "do_sample", "top_p", "temperature", "seed", "batch_size")}
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(SamplingConfig)}
 
 
 def run_generate(lm: LoadedModel, config: GenerateConfig, out: Path, hooks: StepHooks = NO_HOOKS) -> GenerateResult:

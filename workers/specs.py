@@ -9,16 +9,12 @@ anything is written.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from eigenshift_core.configs import (
-    EvaluateConfig,
-    ExtractConfig,
-    PipelineConfig,
-    ReconstructConfig,
-    default_of,
+    field_default,
 )
 from eigenshift_core.criteria import CRITERIA
 from eigenshift_core.errors import unknown_name
@@ -70,36 +66,26 @@ class TextSource(BaseModel):
         return self
 
 
-def _default(name: str) -> Any:
-    """The core's default for a field (the same in every config that has it)."""
-    for config in (PipelineConfig, EvaluateConfig, ExtractConfig, ReconstructConfig):
-        try:
-            return default_of(config, name)
-        except KeyError:
-            continue
-    raise KeyError(name)
-
-
 class JobSpec(BaseModel):
     """Fields every job kind shares."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("embedded", min_length=1, max_length=200, description="a model the service allows")
-    seed: int = Field(_default("seed"), ge=0, le=2**31 - 1)
-    samples: int = Field(_default("samples"), ge=1, le=1000, description="continuations per prompt")
-    max_new_tokens: int = Field(_default("max_new_tokens"), ge=1, le=1024)
-    top_p: float = Field(_default("top_p"), gt=0, le=1)
-    temperature: float = Field(_default("temperature"), gt=0, le=10)
-    batch_size: int = Field(_default("batch_size"), ge=1, le=1024)
+    seed: int = Field(field_default("seed"), ge=0, le=2**31 - 1)
+    samples: int = Field(field_default("samples"), ge=1, le=1000, description="continuations per prompt")
+    max_new_tokens: int = Field(field_default("max_new_tokens"), ge=1, le=1024)
+    top_p: float = Field(field_default("top_p"), gt=0, le=1)
+    temperature: float = Field(field_default("temperature"), gt=0, le=10)
+    batch_size: int = Field(field_default("batch_size"), ge=1, le=1024)
     callback_url: str | None = Field(None, min_length=1, max_length=2048,
                                      description="POSTed the signed job record when the job ends (an allowed host)")
 
 
 class ScoredSpec(JobSpec):
-    scorer: str = Field(_default("scorer"), min_length=1, max_length=300,
+    scorer: str = Field(field_default("scorer"), min_length=1, max_length=300,
                         description="profanity, hf:<id>, detoxify:<ckpt>")
-    threshold: float = Field(_default("threshold"), ge=0, le=1)
+    threshold: float = Field(field_default("threshold"), ge=0, le=1)
 
     @field_validator("scorer")
     @classmethod
@@ -116,21 +102,21 @@ def known_scorer(spec: str, *, field: str) -> str:
 
 
 class ExtractFields(ScoredSpec):
-    top_words: int = Field(_default("top_words"), ge=1, le=50)
-    require_argmax: bool = Field(_default("require_argmax"))
-    max_nontoxic: int = Field(_default("max_nontoxic"), ge=1, le=10_000_000)
+    top_words: int = Field(field_default("top_words"), ge=1, le=50)
+    require_argmax: bool = Field(field_default("require_argmax"))
+    max_nontoxic: int = Field(field_default("max_nontoxic"), ge=1, le=10_000_000)
     reference_csv: str | None = Field(None, min_length=1, max_length=1024,
                                       description="a step-2 CSV under the data root, teacher-forced into the states")
 
 
 class ReconstructFields(BaseModel):
-    criterion: str = Field(_default("criterion"), min_length=1, max_length=64,
+    criterion: str = Field(field_default("criterion"), min_length=1, max_length=64,
                            description=f"selection criterion: one of {', '.join(sorted(CRITERIA))}")
-    k: int | None = Field(_default("k"), ge=1, le=65536,
+    k: int | None = Field(field_default("k"), ge=1, le=65536,
                           description="directions to damp (null and no percentile: 100, at most d)")
-    percentile: float | None = Field(_default("percentile"), ge=0, lt=1, description="paper's p: k = ceil(d·(1 − p))")
+    percentile: float | None = Field(field_default("percentile"), ge=0, lt=1, description="paper's p: k = ceil(d·(1 − p))")
     alpha: float | list[float] | Literal["auto"] = Field(
-        _default("alpha"), validate_default=True,
+        field_default("alpha"), validate_default=True,
         description="scale of each chosen σ: one value, k values, or 'auto' (the criterion's own)")
 
     @field_validator("criterion")
@@ -203,14 +189,14 @@ class ReconstructSpec(ExtractFields, ReconstructFields):
 class FluencyFields(BaseModel):
     ppl_text: TextSource | None = Field(None, description="neutral text for perplexity (e.g. WikiText-2 test); "
                                         "null: the perplexity of the baseline's own continuations")
-    ppl_window: int = Field(_default("ppl_window"), ge=2, le=32768)
-    ppl_stride: int = Field(_default("ppl_stride"), ge=1, le=32768)
-    ppl_max_tokens: int | None = Field(_default("ppl_max_tokens"), ge=2, le=10_000_000)
-    n_boot: int = Field(_default("n_boot"), ge=1, le=100_000)
+    ppl_window: int = Field(field_default("ppl_window"), ge=2, le=32768)
+    ppl_stride: int = Field(field_default("ppl_stride"), ge=1, le=32768)
+    ppl_max_tokens: int | None = Field(field_default("ppl_max_tokens"), ge=2, le=10_000_000)
+    n_boot: int = Field(field_default("n_boot"), ge=1, le=100_000)
 
 
 class SecondJudgeFields(BaseModel):
-    second_scorer: str | None = Field(_default("second_scorer"), min_length=1, max_length=300,
+    second_scorer: str | None = Field(field_default("second_scorer"), min_length=1, max_length=300,
                                       description="a second judge of the evaluation, reported under `judges` "
                                       "beside `scorer` (which keeps the headline); null: none")
 
@@ -236,7 +222,7 @@ class PipelineSpec(ExtractFields, ReconstructFields, SecondJudgeFields, FluencyF
     prompts: PromptSource
     train_rows: str = Field(..., pattern=r"^\d*:\d*$")
     eval_rows: str = Field(..., pattern=r"^\d*:\d*$")
-    train_samples: int | None = Field(_default("train_samples"), ge=0, le=1000,
+    train_samples: int | None = Field(field_default("train_samples"), ge=0, le=1000,
                                       description="samples per training prompt (null: samples; 0: reference_csv only)")
 
 
