@@ -1,5 +1,6 @@
 """Step 1 on tiny models: captured states are the ones that chose each token, batching changes nothing;
-sharing a prompt's prefill among its samples changes no token and no state."""
+sharing a prompt's prefill among its samples, and filtering the nucleus without an argsort, change no token
+and no state."""
 
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def damping(lm: LoadedModel, k: int = 4, seed: int = 0) -> Intervention:
 
 
 def assert_same_generation(lm: LoadedModel, prompts: list[str], **kwargs) -> None:
-    per_row = generate_continuations(lm, prompts, share_prefill=False, **kwargs)
-    shared = generate_continuations(lm, prompts, share_prefill=True, **kwargs)
+    """Today's path (every row prefilled, transformers' top-p) and ours (shared prefill, sort-free top-p)."""
+    per_row = generate_continuations(lm, prompts, share_prefill=False, sort_free_top_p=False, **kwargs)
+    shared = generate_continuations(lm, prompts, share_prefill=True, sort_free_top_p=True, **kwargs)
     assert torch.equal(shared.token_ids, per_row.token_ids)
     assert torch.equal(shared.lengths, per_row.lengths)
     assert torch.allclose(shared.states, per_row.states, atol=1e-5)
@@ -95,6 +97,12 @@ def assert_same_generation(lm: LoadedModel, prompts: list[str], **kwargs) -> Non
 
 
 SAMPLED = {"do_sample": True, "top_p": 0.95, "temperature": 1.0}
+
+
+def test_sort_free_sampling_at_other_temperatures_and_masses(tiny: LoadedModel) -> None:
+    for temperature, top_p in ((0.7, 0.9), (1.3, 0.5), (1.0, 1.0)):
+        assert_same_generation(tiny, PROMPTS, samples=2, max_new_tokens=6, batch_size=4, seed=5,
+                               do_sample=True, top_p=top_p, temperature=temperature)
 
 
 # 12 rows (4 prompts × 3 samples): batches of 2, 4 and 5 split some prompts' samples across batches.
