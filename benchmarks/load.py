@@ -10,7 +10,8 @@ client does; meanwhile 3 small reconstruct jobs are submitted, and afterwards wa
 Every request must be answered 200, 429 or 503: anything else (an exception, a timeout, another status)
 is `lost`. `ratio` is lost requests plus jobs that did not succeed (target ≤ 0). Also reported: answers
 by status, latency percentiles, the peak RSS (VmHWM) of the API process and of its worker and Redis, and
-whether anything was left running after SIGTERM.
+whether anything was left running after SIGTERM, and /healthz latency while the load runs (probed every
+0.1 s from a thread of its own; issue 13's target: p99 ≤ 100 ms).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -273,8 +275,28 @@ async def poll_census(census: Census, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
 
 
+HEALTHZ_EVERY_S = 0.1
+
+
+def probe_healthz(base_url: str, stop: threading.Event, into: list[float]) -> None:
+    """GET /healthz every HEALTHZ_EVERY_S from a thread of its own with its own connection, so the
+    latency is the service's, not this process's event loop's (busy with the clients)."""
+    with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                client.get("/healthz").raise_for_status()
+                into.append(time.perf_counter() - started)
+            except httpx.HTTPError:
+                into.append(REQUEST_TIMEOUT_S)  # an unanswered probe counts as the slowest possible
+            stop.wait(HEALTHZ_EVERY_S)
+
+
 async def drive(base_url: str, key: str, census: Census, clients: int, seconds: float, jobs: int) -> dict[str, Any]:
     prompts = rtp_prompts(256)
+    healthz: list[float] = []
+    probing = threading.Event()
+    prober = threading.Thread(target=probe_healthz, args=(base_url, probing, healthz), daemon=True)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     stop = asyncio.Event()
     poller = asyncio.create_task(poll_census(census, stop))
@@ -283,16 +305,20 @@ async def drive(base_url: str, key: str, census: Census, clients: int, seconds: 
                                  timeout=REQUEST_TIMEOUT_S) as client:
         start = time.monotonic()
         submitter = asyncio.create_task(submit_jobs_meanwhile(client, jobs, start, seconds))
+        prober.start()
         await asyncio.gather(*(one_client(client, number, prompts, start + seconds, answers)
                                for number in range(clients)))
         load_seconds = time.monotonic() - start
+        probing.set()
+        prober.join()
         submitted = await submitter
         log(f"load done: {len(answers)} answers in {load_seconds:.1f} s; waiting for the jobs")
         ids = [job_id for job_id, _ in submitted if job_id is not None]
         records = await wait_for_jobs(client, ids)
     stop.set()
     await poller
-    return {"answers": answers, "load_seconds": load_seconds, "submitted": submitted, "records": records}
+    return {"answers": answers, "load_seconds": load_seconds, "submitted": submitted, "records": records,
+            "healthz": healthz}
 
 
 def summarize(out: dict[str, Any], planned_jobs: int) -> dict[str, Any]:
@@ -313,6 +339,8 @@ def summarize(out: dict[str, Any], planned_jobs: int) -> dict[str, Any]:
         "latency_by_status": {status: percentiles_ms([a.seconds for a in answers if str(a.status) == status])
                               for status in sorted(statuses)},
         "load_seconds": round(out["load_seconds"], 1),
+        "healthz_under_load": {**percentiles_ms(out["healthz"]), "probes": len(out["healthz"]),
+                               "target_p99_ms": "<=100"},
         "jobs": {"planned": planned_jobs, "submitted": len(records), "succeeded": states.get("succeeded", 0),
                  "failed": states.get("failed", 0), "other": {k: v for k, v in states.items()
                                                               if k not in ("succeeded", "failed")},

@@ -23,7 +23,14 @@ from eigenshift_core.fluency import fluency_metrics
 from eigenshift_core.generation import Continuations, generate_continuations
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, output_layer
-from eigenshift_core.metrics import Estimate, estimates, paired_reduction, toxicity_metrics, tph
+from eigenshift_core.metrics import (
+    Estimate,
+    estimates,
+    paired_reduction,
+    perplexity_intervals,
+    toxicity_metrics,
+    tph,
+)
 from eigenshift_core.perplexity import PerplexityResult, perplexity, token_logprobs
 from eigenshift_core.progress import NO_HOOKS, StepHooks
 from eigenshift_core.report import clean
@@ -95,6 +102,7 @@ def evaluate(
         "intervention": arms[1],
         "toxicity_reduction": reduction.to_dict(),
         "tph": tph(reduction.value, float(headline[0]), float(headline[1])),  # type: ignore[arg-type]
+        "perplexity_intervals": _perplexity_intervals(text_ppl, n_boot, seed),
         "judges": judges,
         "fluency_source": source,
         "heldout_logprob": None if heldout is None else _heldout_report(lm, heldout, intervention, n_boot, seed),
@@ -143,11 +151,21 @@ def continuation_perplexities(lm: LoadedModel, continuations: Continuations, int
             for edit in (None, intervention)]
 
 
+def _perplexity_intervals(results: list[PerplexityResult | None], n_boot: int, seed: int) -> dict[str, Any] | None:
+    """Both arms' text perplexity and its paired change in %, each with a window-block bootstrap interval."""
+    base, new = results
+    if base is None or new is None:
+        return None
+    found = perplexity_intervals(base.window_nll, new.window_nll, base.window_tokens, n_boot=n_boot, seed=seed)
+    return {name: estimate.to_dict() for name, estimate in found.items()}
+
+
 def _ppl_protocol(result: PerplexityResult | None, max_tokens: int | None, base: Continuations) -> dict[str, Any]:
     """How the headline perplexity was measured."""
     if result is None:
         return {"source": "baseline_continuations", "tokens_scored": int(base.lengths.sum())}
-    fields = {k: v for k, v in asdict(result).items() if k not in ("perplexity", "nll_per_token")}
+    fields = {k: v for k, v in asdict(result).items()
+              if k not in ("perplexity", "nll_per_token", "window_nll", "window_tokens")}
     return {"source": "ppl_text", **fields, "max_tokens": max_tokens}
 
 

@@ -10,6 +10,7 @@ resampled prompts.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,38 @@ def paired_reduction(
     reps = bootstrap_means(rates, n_boot, seed)  # (n_boot, 2)
     low, high = np.nanpercentile(_reduction(reps[:, 0], reps[:, 1]), [2.5, 97.5])
     return Estimate(value, float(low), float(high))
+
+
+def _perplexities(nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """exp(Σ nll / Σ tokens) along the last axis; inf where it overflows."""
+    with np.errstate(over="ignore"):
+        return np.exp(nll.sum(-1) / tokens.sum(-1))
+
+
+def perplexity_intervals(
+    base_nll: Sequence[float], new_nll: Sequence[float], tokens: Sequence[int], *, n_boot: int = 1000, seed: int = 0,
+) -> dict[str, Estimate]:
+    """Perplexity of each arm and the change in %, 100·(ppl_new/ppl_base − 1), with 95 % intervals from a
+    block bootstrap over windows (the same windows for both arms: the change is paired).
+
+    base_nll, new_nll: each window's summed NLL (`PerplexityResult.window_nll`); tokens: its scored tokens.
+    """
+    if not len(base_nll) == len(new_nll) == len(tokens) > 0:
+        raise InputError("perplexity windows of the two arms disagree", field="ppl_text")
+    nll = np.stack([np.asarray(base_nll, float), np.asarray(new_nll, float)])  # (2, windows)
+    counts = np.asarray(tokens, float)
+    if n_boot < 1:
+        raise InputError(f"n_boot must be at least 1, got {n_boot}", field="n_boot")
+    rows = np.random.default_rng(seed).integers(0, counts.shape[0], size=(n_boot, counts.shape[0]))
+    reps = _perplexities(nll[:, rows], counts[rows])  # (2, n_boot)
+    point = _perplexities(nll, counts)  # (2,)
+    change, change_reps = 100.0 * (point[1] / point[0] - 1), 100.0 * (reps[1] / reps[0] - 1)
+    out = {}
+    for name, value, samples in (("baseline", point[0], reps[0]), ("intervention", point[1], reps[1]),
+                                 ("change_pct", change, change_reps)):
+        low, high = np.percentile(samples, [2.5, 97.5])
+        out[name] = Estimate(float(value), float(low), float(high))
+    return out
 
 
 def tph(toxicity_reduction_pct: float, ppl_base: float, ppl_new: float) -> float:

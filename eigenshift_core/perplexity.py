@@ -23,7 +23,11 @@ from eigenshift_core.loading import LoadedModel
 
 @dataclass(frozen=True)
 class PerplexityResult:
-    """exp(mean NLL) over `tokens_scored` tokens, scored in `windows` windows; `bos`: BOS prepended to each."""
+    """exp(mean NLL) over `tokens_scored` tokens, scored in `windows` windows; `bos`: BOS prepended to each.
+
+    window_nll and window_tokens: each window's summed NLL and scored tokens, in text order (the blocks a
+    bootstrap interval resamples: tokens within a window are not independent).
+    """
 
     perplexity: float
     nll_per_token: float
@@ -32,6 +36,8 @@ class PerplexityResult:
     stride: int
     bos: bool
     windows: int
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -116,25 +122,30 @@ def perplexity(
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         raise InputError(f"a window of {longest} positions exceeds the model's {limit}", field="ppl_window")
-    total, count, done, device = 0.0, 0, 0, lm.model.device
+    nll_of: dict[int, float] = {}  # window number -> summed NLL
+    done, device = 0, lm.model.device
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     with bar, intervention.applied(lm.model) if intervention is not None else nullcontext():
-        for (_, scored), group in groupby(windows, key=lambda w: (w[1] - w[0], w[2])):
+        numbered = list(enumerate(windows))
+        for (_, scored), group in groupby(numbered, key=lambda w: (w[1][1] - w[1][0], w[1][2])):
             rows = list(group)
             for start in range(0, len(rows), batch_size):
-                chunk = [prefix + ids[b:e] for b, e, _ in rows[start : start + batch_size]]
-                batch = torch.tensor(chunk, device=device)  # (b, prefix + window)
+                part = rows[start : start + batch_size]
+                batch = torch.tensor([prefix + ids[b:e] for _, (b, e, _) in part], device=device)  # (b, prefix + window)
                 # Logits of the positions that predict the last `scored` tokens: (b, scored, vocab).
                 logits = lm.model(input_ids=batch, logits_to_keep=scored + 1).logits[:, :-1]
-                total += _nll_sum(logits.reshape(-1, logits.shape[-1]), batch[:, -scored:].reshape(-1))
-                count += batch.shape[0] * scored
+                for row, (number, _) in enumerate(part):
+                    nll_of[number] = _nll_sum(logits[row], batch[row, -scored:])
                 done += batch.shape[0]
                 bar.update(batch.shape[0])
                 if on_progress:
                     on_progress(done, len(windows))
-    nll = total / count
+    window_nll = tuple(nll_of[number] for number in range(len(windows)))
+    window_tokens = tuple(scored for _, _, scored in windows)
+    count = sum(window_tokens)
+    nll = sum(window_nll) / count
     ppl = math.exp(nll) if nll < 700 else math.inf
-    return PerplexityResult(ppl, nll, count, window, stride, bool(prefix), len(windows))
+    return PerplexityResult(ppl, nll, count, window, stride, bool(prefix), len(windows), window_nll, window_tokens)
 
 
 def token_logprobs(

@@ -121,3 +121,14 @@ def test_gpu_checks_pass_on_cpu_quick() -> None:
         assert set(m[f"exactness_{dtype}"]) >= {"w_prime", "hf_export", "lora_export"}
     assert m["scheduler"]["identical_rows"] == m["scheduler"]["rows"] == 16 and m["scheduler"]["detox_rows"] == 8
     assert all(check["passed"] for check in m.values()) and record["passed"] is True
+
+
+@pytest.mark.timeout(600)
+def test_long_prompt_quick_answers_every_short_and_the_long_request() -> None:
+    record = run_benchmark("long_prompt")
+    settings, m = record["settings"], record["measurements"]
+    assert abs(settings["long_prompt_tokens"] - settings["long_tokens"]) <= 8  # the prompt really is that long
+    assert settings["long_prompt_tokens"] > settings["prefill_tokens_per_step"]  # so it is prefilled in chunks
+    for arm in ("short_only", "with_long", "short_only_again"):
+        assert m[arm]["short_requests"] == settings["short_clients"] * settings["rounds"]
+    assert m["with_long"]["long_s"] > 0 and m["short_only"]["long_s"] is None

@@ -19,7 +19,7 @@ from eigenshift_core.fluency import fluency_metrics
 from eigenshift_core.generation import generate_continuations
 from eigenshift_core.intervention import Intervention, build_intervention
 from eigenshift_core.loading import LoadedModel, lm_head_weight
-from eigenshift_core.metrics import Estimate, paired_reduction, toxicity_metrics, tph
+from eigenshift_core.metrics import Estimate, paired_reduction, perplexity_intervals, toxicity_metrics, tph
 from eigenshift_core.perplexity import perplexity, sliding_windows, token_logprobs
 from eigenshift_core.progress import StepHooks
 from eigenshift_core.report import write_report
@@ -107,6 +107,26 @@ def test_bootstrap_is_seeded() -> None:
 def test_bad_score_matrices_are_input_errors(bad: np.ndarray) -> None:
     with pytest.raises(InputError):
         toxicity_metrics(bad)
+
+
+def test_perplexity_intervals_are_paired_over_windows() -> None:
+    tokens = [1023, 512, 512, 512, 300]
+    base = [2.0 * t for t in tokens]  # NLL 2 per token in every window: ppl e² whichever windows are drawn
+    same = perplexity_intervals(base, base, tokens, n_boot=200)
+    assert same["baseline"].value == pytest.approx(math.exp(2.0))
+    assert same["baseline"].low == pytest.approx(math.exp(2.0)) and same["baseline"].high == pytest.approx(math.exp(2.0))
+    assert (same["change_pct"].value, same["change_pct"].low, same["change_pct"].high) == (0.0, 0.0, 0.0)
+    # Every window 0.1 nats per token worse: +10.5 % in every resample, so a zero-width paired interval,
+    # while each arm's own interval is wide (windows differ a lot).
+    varied = [n * t for n, t in zip([1.0, 3.0, 2.0, 2.5, 1.5], tokens, strict=True)]
+    worse = [n + 0.1 * t for n, t in zip(varied, tokens, strict=True)]
+    found = perplexity_intervals(varied, worse, tokens, n_boot=500, seed=3)
+    assert found["change_pct"].value == pytest.approx(100 * (math.exp(0.1) - 1))
+    assert found["change_pct"].low == pytest.approx(found["change_pct"].high)
+    assert found["baseline"].low < found["baseline"].value < found["baseline"].high
+    assert found["intervention"].value == pytest.approx(found["baseline"].value * math.exp(0.1))
+    with pytest.raises(InputError):
+        perplexity_intervals(base, base[:-1], tokens)
 
 
 def test_paired_reduction_identical_arms_is_zero() -> None:
@@ -199,6 +219,9 @@ def test_perplexity_without_overlap_equals_brute_force_chunks(tiny: LoadedModel)
     assert result.nll_per_token == pytest.approx(float(nlls.mean()), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(float(nlls.mean())), rel=1e-5)
     assert not result.bos
+    chunks = [token_nlls(tiny, ids[b : b + 32]) for b in range(0, len(ids), 32) if len(ids[b : b + 32]) > 1]
+    assert result.window_tokens == tuple(c.numel() for c in chunks)  # one block per window, in text order
+    assert result.window_nll == pytest.approx([float(c.sum()) for c in chunks], rel=1e-5)
 
 
 def check_exact_context(lm: LoadedModel, window: int, stride: int, n: int) -> None:
@@ -332,7 +355,10 @@ def test_evaluate_with_alpha_one_gives_identical_arms(tiny_llama: LoadedModel) -
     protocol = report["protocol"]
     assert protocol["samples"] == 2 and protocol["n_prompts"] == 3 and protocol["scorer"] == "x-share"
     assert protocol["perplexity"]["tokens_scored"] == len(TEXT) - 1 and protocol["perplexity"]["bos"] is False
-    assert protocol["perplexity"]["source"] == "ppl_text"
+    assert protocol["perplexity"]["source"] == "ppl_text" and "window_nll" not in protocol["perplexity"]
+    intervals = report["perplexity_intervals"]
+    assert intervals["change_pct"] == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert intervals["baseline"]["value"] == pytest.approx(report["baseline"]["perplexity"], rel=1e-9)
     json.dumps(report, allow_nan=False)
 
 
