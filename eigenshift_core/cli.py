@@ -63,6 +63,26 @@ def _optional_scorer(text: str) -> str | None:
     return None if text.strip().lower() == "none" else text
 
 
+def _intervention(text: str) -> tuple[str, Path]:
+    """`name=DIR`, or a bare `DIR` named by its directory's name."""
+    name, sep, path = text.partition("=")
+    if not sep or "/" in name:
+        return Path(text).resolve().name, Path(text)
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"must look like DIR or name=DIR, got {text!r}")
+    return name, Path(path)
+
+
+def unique_names(named: Sequence[tuple[str, Path]]) -> dict[str, Path]:
+    """{name: directory} of repeated `--intervention` flags; a name given twice is an error."""
+    names = [name for name, _ in named]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InputError(f"intervention names must differ: {', '.join(map(repr, twice))} given more than once "
+                         "(name each one: --intervention NAME=DIR)", field="intervention")
+    return dict(named)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -127,6 +147,10 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ppl-stride", type=_positive, default=field_default("ppl_stride"), help="tokens between window starts")
     p.add_argument("--ppl-max-tokens", type=_positive, default=field_default("ppl_max_tokens"), help="tokens of --ppl-text scored")
     p.add_argument("--n-boot", type=_positive, default=field_default("n_boot"), help="bootstrap resamples for the 95 %% intervals")
+    _add_second_judge(p)
+
+
+def _add_second_judge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--second-scorer", type=_optional_scorer, default=field_default("second_scorer"),
                    help="a second judge reported beside --scorer (under `judges`); 'none' disables it")
 
@@ -162,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     _add_scorer(p)
     _add_evaluate(p)
-    p.add_argument("--intervention", type=Path, required=True, help="intervention directory")
+    p.add_argument("--intervention", type=_intervention, action="append", required=True,
+                   help="intervention directory, or name=DIR; repeat it to compare several (any family) with one "
+                   "baseline on the same prompts and seeds (comparison.json instead of report.json)")
     p.add_argument("--reference-csv", type=Path, default=None, help="a step-2 CSV whose --rows are the held-out "
                    "prompts': their toxic and ordinary tokens' log-probabilities, teacher-forced, before and after")
 
@@ -240,7 +266,7 @@ def run_reconstruct(args: argparse.Namespace) -> Path:
 def run_evaluate(args: argparse.Namespace) -> Path:
     from eigenshift_core.steps import run_evaluate as evaluate
 
-    config = _config(EvaluateConfig, args)
+    config = _config(EvaluateConfig, args, intervention=None, interventions=unique_names(args.intervention))
     return evaluate(_load(args), config, args.out, _hooks()).out
 
 

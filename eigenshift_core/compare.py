@@ -24,15 +24,31 @@ from typing import Any, cast
 import numpy as np
 
 from eigenshift_core.aura import POOLINGS, Pooling, build_aura_from_reference_csv
-from eigenshift_core.configs import FluencyOptions, SamplingConfig, ScoringConfig, field_default
+from eigenshift_core.configs import (
+    FluencyOptions,
+    SamplingConfig,
+    ScoringConfig,
+    SecondJudgeOptions,
+    field_default,
+)
 from eigenshift_core.errors import InputError
-from eigenshift_core.evaluation import TextScorer, score_in_batches
+from eigenshift_core.evaluation import (
+    TextScorer,
+    judge_name,
+    paired_perplexity,
+    rescore,
+    score_in_batches,
+    token_sequences,
+    toxicity_of,
+)
 from eigenshift_core.families import DetoxIntervention, family_of, load_any
 from eigenshift_core.files import atomic_write
+from eigenshift_core.fluency import PROTOCOL as FLUENCY_PROTOCOL
+from eigenshift_core.fluency import fluency_metrics
 from eigenshift_core.generation import generate_continuations
 from eigenshift_core.loading import LoadedModel
-from eigenshift_core.metrics import paired_reduction, toxicity_metrics, tph
-from eigenshift_core.perplexity import perplexity
+from eigenshift_core.metrics import paired_reduction, tph
+from eigenshift_core.perplexity import PerplexityResult, perplexity
 from eigenshift_core.progress import NO_HOOKS, StepHooks
 from eigenshift_core.prompts import load_prompts, parse_rows
 from eigenshift_core.report import clean
@@ -40,19 +56,31 @@ from eigenshift_core.report import clean
 BASELINE = "baseline"
 
 
+@dataclass(frozen=True)
+class _Arm:
+    """What one arm produced: its texts and their token ids, each judge's scores and its text perplexity."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    scores: list[np.ndarray]  # per judge (primary first): (prompt, sample)
+    ppl: PerplexityResult | None
+
+
 def compare_interventions(
     lm: LoadedModel, prompts: Sequence[str], scorer: TextScorer, interventions: Mapping[str, DetoxIntervention], *,
     samples: int = 25, max_new_tokens: int = 20, do_sample: bool = True, top_p: float = 0.95,
     temperature: float = 1.0, seed: int = 0, batch_size: int = 32, threshold: float = 0.5,
     ppl_text: str | None = None, ppl_window: int = 1024, ppl_stride: int = 512, ppl_max_tokens: int | None = None,
-    n_boot: int = 1000, hooks: StepHooks = NO_HOOKS,
+    n_boot: int = 1000, second_scorer: TextScorer | None = None, hooks: StepHooks = NO_HOOKS,
 ) -> dict[str, Any]:
     """The baseline and every intervention on the same prompts and seeds, as a JSON-ready report.
 
-    Keys: `baseline` (toxicity metrics of `scorer` as {value, low, high}, `perplexity`), `methods` ({name:
-    the same plus `kind`, `k`, `toxicity_reduction` paired against the baseline, `tph`, `unchanged_share`
-    (continuations identical to the baseline's), `seconds`}), `protocol`. Perplexity is measured on
-    `ppl_text` (None without it).
+    Keys: `baseline` (toxicity metrics of `scorer` as {value, low, high}, `perplexity`, `distinct_1`..
+    `distinct_3`, `repetition_rate`, `judges`: {second scorer's name: its toxicity metrics}), `methods`
+    ({name: the same plus `kind`, `k`, `toxicity_reduction` paired against the baseline (also under each
+    judge), `tph`, `perplexity_intervals`, `unchanged_share` (continuations identical to the baseline's),
+    `seconds`}), `protocol`. Perplexity is measured on `ppl_text` (None without it, and so are `tph` and
+    `perplexity_intervals`). A method's figures are those `evaluation.evaluate` reports for it alone.
     """
     if not interventions:
         raise InputError("give at least one intervention to compare", field="intervention")
@@ -62,34 +90,53 @@ def compare_interventions(
                                   "top_p": top_p, "temperature": temperature, "seed": seed, "batch_size": batch_size}
     stats: dict[str, Any] = {"threshold": threshold, "n_boot": n_boot, "seed": seed}
     ppl: dict[str, Any] = {"window": ppl_window, "stride": ppl_stride, "max_tokens": ppl_max_tokens}
-    arms: dict[str, DetoxIntervention | None] = {BASELINE: None, **interventions}
-    shape = (len(prompts), samples)
-    texts: dict[str, list[str]] = {}
-    report: dict[str, Any] = {"methods": {}}
-    for name, edit in arms.items():
+    judges = [scorer] if second_scorer is None else [scorer, second_scorer]
+
+    def run_arm(name: str, edit: DetoxIntervention | None) -> _Arm:
+        # generate_continuations and perplexity only call `.applied(model)`, which every family offers.
+        continuations = generate_continuations(lm, prompts, intervention=cast(Any, edit), progress=hooks.bars,
+                                               on_progress=hooks.batches(f"compare: sampling ({name})", "samples"),
+                                               **generation)
+        texts = continuations.texts
+        scores = score_in_batches(scorer, texts, hooks, stage=f"compare: scoring ({name})").reshape(len(prompts), samples)
+        scores_2 = [rescore(judge, scorer, texts, scores, hooks, stage=f"compare: scoring ({name}, {judge_name(judge)})")
+                    for judge in judges[1:]]
+        text_ppl = None if ppl_text is None else perplexity(lm, ppl_text, **ppl, intervention=cast(Any, edit),
+                                                             progress=hooks.bars)
+        return _Arm(texts, token_sequences(continuations), [scores, *scores_2], text_ppl)
+
+    base = run_arm(BASELINE, None)
+    report: dict[str, Any] = {BASELINE: _figures(base, None, judges, stats), "methods": {}}
+    for name, edit in interventions.items():
         started = time.monotonic()
-        # generate_continuations only calls `.applied(model)`, which every family offers.
-        texts[name] = generate_continuations(lm, prompts, intervention=cast(Any, edit), progress=hooks.bars,
-                                             on_progress=hooks.batches(f"compare: sampling ({name})", "samples"),
-                                             **generation).texts
-        scores = score_in_batches(scorer, texts[name], hooks, stage=f"compare: scoring ({name})").reshape(shape)
-        arm: dict[str, Any] = {m: e.to_dict() for m, e in toxicity_metrics(scores, **stats).items()}
-        arm["perplexity"] = None if ppl_text is None else perplexity(
-            lm, ppl_text, **ppl, intervention=cast(Any, edit), progress=hooks.bars).perplexity
-        if edit is None:
-            base_scores, report[BASELINE] = scores, arm
-            continue
-        reduction = paired_reduction(base_scores, scores, **stats)
-        ppl_base = report[BASELINE]["perplexity"]
+        arm = run_arm(name, edit)
         report["methods"][name] = {
-            "kind": family_of(edit), "k": edit.k, **arm, "toxicity_reduction": reduction.to_dict(),
-            "tph": None if ppl_text is None else tph(reduction.value, ppl_base, arm["perplexity"]),
-            "unchanged_share": float(np.mean([a == b for a, b in zip(texts[name], texts[BASELINE], strict=True)])),
+            "kind": family_of(edit), "k": edit.k, **_figures(arm, base, judges, stats),
+            "unchanged_share": float(np.mean([a == b for a, b in zip(arm.texts, base.texts, strict=True)])),
             "seconds": round(time.monotonic() - started, 1),
         }
     report["protocol"] = {**generation, **stats, "n_prompts": len(prompts), "scorer": getattr(scorer, "name", "?"),
-                          "perplexity": {"source": "ppl_text" if ppl_text is not None else None, **ppl}}
+                          "second_scorer": judge_name(second_scorer) if second_scorer is not None else None,
+                          "perplexity": {"source": "ppl_text" if ppl_text is not None else None, **ppl},
+                          "fluency": FLUENCY_PROTOCOL}
     return cast(dict[str, Any], clean(report))
+
+
+def _figures(arm: _Arm, base: _Arm | None, judges: list[TextScorer], stats: dict[str, Any]) -> dict[str, Any]:
+    """One arm's figures; a method's (`base` given) add what is paired against the baseline: the toxicity
+    reduction under every judge, the TPH and the perplexity intervals (as `evaluate` computes them)."""
+    judged = [toxicity_of(scores, stats) for scores in arm.scores]  # per judge, the primary first
+    paired: dict[str, Any] = {}
+    if base is not None:
+        reductions = [paired_reduction(b, a, **stats) for b, a in zip(base.scores, arm.scores, strict=True)]
+        for figures, reduction in zip(judged, reductions, strict=True):
+            figures["toxicity_reduction"] = reduction.to_dict()
+        ppl = [a.ppl.perplexity for a in (base, arm) if a.ppl is not None]  # [base, method] when measured
+        paired = {"tph": tph(reductions[0].value, *ppl) if len(ppl) == 2 else None,
+                  "perplexity_intervals": paired_perplexity(base.ppl, arm.ppl, n_boot=stats["n_boot"], seed=stats["seed"])}
+    return {**judged[0], "perplexity": None if arm.ppl is None else arm.ppl.perplexity, **fluency_metrics(arm.tokens),
+            "judges": {judge_name(judge): figures for judge, figures in zip(judges[1:], judged[1:], strict=True)},
+            **paired}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,9 +183,9 @@ def _comparison_figure(report: dict[str, Any]) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompareConfig(SamplingConfig, ScoringConfig, FluencyOptions):
+class CompareConfig(SamplingConfig, ScoringConfig, SecondJudgeOptions, FluencyOptions):
     """Compare `interventions` ({name: artifact dir}) and, with `aura_reference_csv`, AURA built on its
-    `aura_rows`, on held-out `rows` of `prompts`."""
+    `aura_rows`, on held-out `rows` of `prompts`. `eigenshift evaluate` with several interventions runs this."""
 
     prompts: Path
     rows: str | None = None
@@ -154,7 +201,7 @@ def run_compare(lm: LoadedModel, config: CompareConfig, out: Path, scorer: TextS
                 hooks: StepHooks = NO_HOOKS) -> dict[str, Any]:
     """Load (and build) the interventions, compare them, write `comparison.json`/`.png` into `out`."""
     from eigenshift_core.scoring import load_scorer
-    from eigenshift_core.steps import read_ppl_text
+    from eigenshift_core.steps import load_second_scorer, read_ppl_text
 
     held_out = load_prompts(config.prompts, config.rows)
     ppl_text = read_ppl_text(config.ppl_text)
@@ -172,11 +219,13 @@ def run_compare(lm: LoadedModel, config: CompareConfig, out: Path, scorer: TextS
         timings[f"build_{config.aura_name}"] = round(time.monotonic() - started, 1)
         interventions[config.aura_name] = aura
     scorer = scorer or load_scorer(config.scorer, device=str(lm.device))
+    second_scorer = load_second_scorer(config.second_scorer, device=str(lm.device))
     report = compare_interventions(
         lm, held_out.texts, scorer, interventions, samples=config.samples, max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample, top_p=config.top_p, temperature=config.temperature, seed=config.seed,
         batch_size=config.batch_size, threshold=config.threshold, ppl_text=ppl_text, ppl_window=config.ppl_window,
-        ppl_stride=config.ppl_stride, ppl_max_tokens=config.ppl_max_tokens, n_boot=config.n_boot, hooks=hooks,
+        ppl_stride=config.ppl_stride, ppl_max_tokens=config.ppl_max_tokens, n_boot=config.n_boot,
+        second_scorer=second_scorer, hooks=hooks,
     )
     report.update({"model": lm.model_id, "eval_prompts": held_out.describe(), "timings_s": timings,
                    "provenance": {name: dict(edit.info) for name, edit in interventions.items()}})
@@ -226,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-max-tokens", type=cli._positive, default=field_default("ppl_max_tokens"),
                    help="tokens of --ppl-text scored")
     p.add_argument("--n-boot", type=cli._positive, default=field_default("n_boot"), help="bootstrap resamples")
+    cli._add_second_judge(p)
     return p
 
 
@@ -240,11 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli._quiet_libraries()
     prog = "eigenshift compare"
     try:
-        names = [name for name, _ in args.intervention]
-        if len(set(names)) != len(names):
-            raise InputError(f"method names must differ, got {names}", field="intervention")
         config = config_from(CompareConfig, {**vars(args), "do_sample": not args.greedy},
-                             interventions=dict(args.intervention),
+                             interventions=cli.unique_names(args.intervention),
                              aura_reference_csv=args.aura_from_reference_csv)
         started = time.monotonic()
         run_compare(cli._load(args), config, args.out, hooks=cli._hooks())

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from eigenshift_core.criteria import DEFAULT_CRITERION
+from eigenshift_core.errors import InputError
 
 AlphaSpec = float | Sequence[float] | str  # one α, k of them, or "auto" (the criterion's own)
 
@@ -100,12 +101,26 @@ class ReconstructConfig(SelectOptions):
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig(SamplingConfig, ScoringConfig, SecondJudgeOptions, FluencyOptions):
-    """Step 4: both arms on held-out `prompts`; `reference_csv` adds teacher-forced held-out log-probs."""
+    """Step 4 on held-out `prompts`: one intervention against the baseline (`intervention`, or `interventions`
+    with one entry), or several side by side (`interventions`: {name: artifact dir}, one baseline, the same
+    prompts and seeds). `reference_csv` adds teacher-forced held-out log-probs (one intervention only)."""
 
     prompts: Path
     rows: str | None = None
-    intervention: Path
+    intervention: Path | None = None
+    interventions: dict[str, Path] = dataclasses.field(default_factory=dict)
     reference_csv: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.intervention is None) == (not self.interventions):
+            raise InputError("give exactly one of intervention and interventions", field="intervention")
+
+    @property
+    def methods(self) -> dict[str, Path]:
+        """{name: directory} of every intervention evaluated (`intervention` is named by its directory)."""
+        if self.intervention is not None:
+            return {Path(self.intervention).name: Path(self.intervention)}
+        return dict(self.interventions)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -78,9 +78,8 @@ def evaluate(
     toxicity, reduction = _toxicity(scores, stats)
     judges: dict[str, Any] = {}
     if second_scorer is not None:
-        name = getattr(second_scorer, "name", "second")
-        second = scores if second_scorer is scorer else score_in_batches(
-            second_scorer, texts, hooks, stage=f"evaluate: scoring ({name})").reshape(shape)
+        name = judge_name(second_scorer)
+        second = rescore(second_scorer, scorer, texts, scores, hooks, stage=f"evaluate: scoring ({name})")
         arms_2, reduction_2 = _toxicity(second, stats)
         judges[name] = {"baseline": arms_2[0], "intervention": arms_2[1], "toxicity_reduction": reduction_2.to_dict()}
 
@@ -102,7 +101,7 @@ def evaluate(
         "intervention": arms[1],
         "toxicity_reduction": reduction.to_dict(),
         "tph": tph(reduction.value, float(headline[0]), float(headline[1])),  # type: ignore[arg-type]
-        "perplexity_intervals": _perplexity_intervals(text_ppl, n_boot, seed),
+        "perplexity_intervals": paired_perplexity(*text_ppl, n_boot=n_boot, seed=seed),
         "judges": judges,
         "fluency_source": source,
         "heldout_logprob": None if heldout is None else _heldout_report(lm, heldout, intervention, n_boot, seed),
@@ -126,10 +125,28 @@ def score_in_batches(scorer: TextScorer, texts: Sequence[str], hooks: StepHooks 
     return np.asarray(scores, dtype=float)
 
 
+def judge_name(scorer: TextScorer) -> str:
+    """How a report names a judge (its `name`)."""
+    return str(getattr(scorer, "name", "second"))
+
+
+def rescore(judge: TextScorer, first: TextScorer, texts: Sequence[str], scores: np.ndarray, hooks: StepHooks, *,
+            stage: str) -> np.ndarray:
+    """`judge`'s scores of `texts`, shaped like `scores` (those of `first`, the primary judge), which are
+    reused when `judge` is `first`: a judge is never run twice on the same texts."""
+    if judge is first:
+        return scores
+    return score_in_batches(judge, texts, hooks, stage=stage).reshape(scores.shape)
+
+
+def toxicity_of(scores: np.ndarray, stats: dict[str, Any]) -> dict[str, Any]:
+    """One arm's toxicity metrics, JSON-ready, from its (prompt, sample) scores; `stats`: threshold, n_boot, seed."""
+    return {name: e.to_dict() for name, e in toxicity_metrics(scores, **stats).items()}
+
+
 def _toxicity(scores: np.ndarray, stats: dict[str, Any]) -> tuple[list[dict[str, Any]], Estimate]:
     """Each arm's toxicity metrics (JSON-ready) and the paired reduction, from (arm, prompt, sample) scores."""
-    arms = [{name: e.to_dict() for name, e in toxicity_metrics(s, **stats).items()} for s in scores]
-    return arms, paired_reduction(scores[0], scores[1], **stats)
+    return [toxicity_of(s, stats) for s in scores], paired_reduction(scores[0], scores[1], **stats)
 
 
 def token_sequences(continuations: Continuations) -> list[list[int]]:
@@ -151,9 +168,10 @@ def continuation_perplexities(lm: LoadedModel, continuations: Continuations, int
             for edit in (None, intervention)]
 
 
-def _perplexity_intervals(results: list[PerplexityResult | None], n_boot: int, seed: int) -> dict[str, Any] | None:
-    """Both arms' text perplexity and its paired change in %, each with a window-block bootstrap interval."""
-    base, new = results
+def paired_perplexity(base: PerplexityResult | None, new: PerplexityResult | None, *, n_boot: int,
+                      seed: int) -> dict[str, Any] | None:
+    """Both arms' text perplexity and its paired change in %, each with a window-block bootstrap interval
+    ({baseline, intervention, change_pct}, JSON-ready); None unless both were measured."""
     if base is None or new is None:
         return None
     found = perplexity_intervals(base.window_nll, new.window_nll, base.window_tokens, n_boot=n_boot, seed=seed)

@@ -12,12 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eigenshift_core.compare import CompareConfig, run_compare
 from eigenshift_core.configs import (
     EvaluateConfig,
     ExtractConfig,
     GenerateConfig,
     ReconstructConfig,
     SamplingConfig,
+    config_from,
 )
 from eigenshift_core.errors import InputError
 from eigenshift_core.evaluation import evaluate
@@ -185,10 +187,19 @@ def run_reconstruct(lm: LoadedModel, config: ReconstructConfig, out: Path,
 
 def run_evaluate(lm: LoadedModel, config: EvaluateConfig, out: Path, hooks: StepHooks = NO_HOOKS,
                  scorer: Scorer | None = None) -> EvaluateResult:
-    """Step 4: `report.json` and `report.png` in `out`. Provenance of the intervention is under `provenance`."""
+    """Step 4: for one intervention, `report.json` and `report.png` in `out` (its provenance under
+    `provenance`); for several, `comparison.json` and `comparison.png` (`compare.run_compare`: one baseline,
+    every method on the same prompts and seeds, any intervention family)."""
+    if len(config.methods) > 1:
+        if config.reference_csv is not None:
+            raise InputError("reference_csv (held-out log-probs) applies to one intervention, not a comparison",
+                             field="reference_csv")
+        compared = config_from(CompareConfig, config, interventions=config.methods)
+        return EvaluateResult(Path(out), run_compare(lm, compared, out, scorer, hooks))
     held_out = load_prompts(config.prompts, config.rows)
     ppl_text = read_ppl_text(config.ppl_text)
-    intervention = Intervention.load(config.intervention, lm.model)
+    [directory] = config.methods.values()
+    intervention = Intervention.load(directory, lm.model)
     scorer = scorer or load_scorer(config.scorer, device=str(lm.device))
     second_scorer = load_second_scorer(config.second_scorer, device=str(lm.device))
     heldout_states = None

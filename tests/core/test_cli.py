@@ -1,4 +1,5 @@
-"""The `eigenshift` CLI on the embedded model: one end-to-end pipeline, and every kind of bad input."""
+"""The `eigenshift` CLI on the embedded model: one end-to-end pipeline, and every kind of bad input; several
+interventions evaluated side by side on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from eigenshift_core.cli import main
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
 from tests.conftest import REFERENCE_CSV, RTP_CSV, WIKITEXT
+from tests.core.test_evaluation import some_intervention
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -134,3 +136,32 @@ def test_every_subcommand_help_shows_the_configs_defaults(capsys: pytest.Capture
         assert main([command, "--help"]) == 0
         text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
         assert all(item in text for item in shown), (command, shown)
+
+
+def test_evaluate_compares_repeated_interventions_and_refuses_a_name_given_twice(tiny_llama: LoadedModel, tmp_path,
+                                                                                  capsys) -> None:
+    model, prompts = tmp_path / "model", tmp_path / "prompts.txt"
+    tiny_llama.model.save_pretrained(model)
+    tiny_llama.tokenizer.save_pretrained(model)
+    prompts.write_text("hello there\nthe weather is\n")
+    damped = some_intervention(tiny_llama, alpha=0.0, k=8).save(tmp_path / "runs" / "damped")
+    identity = some_intervention(tiny_llama, alpha=1.0).save(tmp_path / "identity")
+    common = ["evaluate", "--model", str(model), "--device", "cpu", "--prompts", str(prompts), "--samples", "1",
+              "--max-new-tokens", "3", "--n-boot", "20", "--second-scorer", "none"]
+
+    code, _ = run_cli(capsys, *common, "--intervention", f"strong={damped}", "--intervention", str(identity),
+                      "--out", str(tmp_path / "both"))
+    assert code == 0 and sorted(p.name for p in (tmp_path / "both").iterdir()) == ["comparison.json", "comparison.png"]
+    report = json.loads((tmp_path / "both" / "comparison.json").read_text())
+    assert list(report["methods"]) == ["strong", "identity"]  # a bare DIR is named by its directory
+    assert report["methods"]["identity"]["unchanged_share"] == 1.0 and report["protocol"]["samples"] == 1
+    code, _ = run_cli(capsys, *common, "--intervention", str(damped), "--out", str(tmp_path / "one"))
+    assert code == 0 and sorted(p.name for p in (tmp_path / "one").iterdir()) == ["report.json", "report.png"]
+
+    for twice in ([f"x={damped}", f"x={identity}"], [str(damped), str(tmp_path / "elsewhere" / "damped")]):
+        flags = [arg for directory in twice for arg in ("--intervention", directory)]
+        code, err = run_cli(capsys, *common, *flags, "--out", str(tmp_path / "refused"))
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "given more than once" in err, err
+        assert not (tmp_path / "refused").exists()
+    code, err = run_cli(capsys, *common, "--intervention", f"={damped}", "--out", str(tmp_path / "refused"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "name=DIR" in err
