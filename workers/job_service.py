@@ -154,10 +154,12 @@ class JobService:
         if isinstance(spec, ReconstructSpec) and spec.extract_job_id:
             self._require_step(spec.extract_job_id, "extract", "extract_job_id", caller)
         if isinstance(spec, EvaluateSpec):
-            try:
-                self.interventions.get(check_key(spec.intervention_id, field="intervention_id"), caller)
-            except InterventionNotFound:
-                raise InputError(f"no intervention {spec.intervention_id!r}", field="intervention_id") from None
+            field = "intervention_id" if spec.intervention_id is not None else "intervention_ids"
+            for intervention_id in spec.evaluated_ids():
+                try:
+                    self.interventions.get(check_key(intervention_id, field=field), caller)
+                except InterventionNotFound:
+                    raise InputError(f"no intervention {intervention_id!r}", field=field) from None
 
     def _check_rows(self, source: PromptSource, spec: JobSpec) -> None:
         ranges = ({"train_rows": spec.train_rows, "eval_rows": spec.eval_rows} if isinstance(spec, PipelineSpec)

@@ -9,10 +9,19 @@ anything is written.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from eigenshift_core.compare import BASELINE
 from eigenshift_core.configs import (
     field_default,
 )
@@ -24,6 +33,7 @@ from eigenshift_core.scoring import known_scorers
 JobKind = Literal["generate", "extract", "reconstruct", "evaluate", "pipeline"]
 Step = Literal["generate", "extract", "reconstruct", "evaluate"]
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_COMPARED = 8  # interventions in one evaluate job's comparison
 
 
 class PromptSource(BaseModel):
@@ -207,13 +217,37 @@ class SecondJudgeFields(BaseModel):
 
 
 class EvaluateSpec(ScoredSpec, SecondJudgeFields, FluencyFields):
-    """Step 4: toxicity and fluency before and after an intervention on (held-out) prompts."""
+    """Step 4: toxicity and fluency before and after an intervention (`intervention_id`), or of several side
+    by side (`intervention_ids`), on (held-out) prompts."""
 
     prompts: PromptSource
     rows: str | None = Field(None, pattern=r"^\d*:\d*$")
-    intervention_id: str = Field(..., pattern=ID_PATTERN)
+    intervention_id: str | None = Field(None, pattern=ID_PATTERN, description="the intervention to evaluate "
+                                        "(give this or intervention_ids)")
+    intervention_ids: list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]] | None = Field(
+        None, min_length=1, max_length=MAX_COMPARED, validate_default=True,
+        description=f"1 to {MAX_COMPARED} interventions compared with one baseline on the same prompts and seeds "
+                    "(evaluate/comparison.json and .png); one id is the same as intervention_id")
     reference_csv: str | None = Field(None, min_length=1, max_length=1024, description="a step-2 CSV under the "
                                       "data root: the held-out rows' toxic tokens, teacher-forced, before and after")
+
+    @field_validator("intervention_ids")
+    @classmethod
+    def _one_or_several(cls, ids: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        """Exactly one of intervention_id and intervention_ids; the ids unique, none named like the baseline."""
+        if "intervention_id" not in info.data:  # intervention_id itself was refused: that error says enough
+            return ids
+        if (info.data["intervention_id"] is None) == (ids is None):
+            raise ValueError("give exactly one of intervention_id and intervention_ids")
+        if ids is not None and len(set(ids)) != len(ids):
+            raise ValueError("intervention_ids must be unique")
+        if ids is not None and BASELINE in ids:
+            raise ValueError(f"{BASELINE!r} names the unedited model in a comparison: it cannot be compared")
+        return ids
+
+    def evaluated_ids(self) -> list[str]:
+        """The ids of the interventions evaluated, in the order given."""
+        return list(self.intervention_ids) if self.intervention_ids else [str(self.intervention_id)]
 
 
 class PipelineSpec(ExtractFields, ReconstructFields, SecondJudgeFields, FluencyFields):

@@ -94,21 +94,28 @@ def reconstruct(ctx: StepContext) -> StepResult:
 
 
 def evaluate(ctx: StepContext) -> StepResult:
-    """Step 4: baseline and intervention on held-out prompts, as report.json and report.png; the
-    intervention keeps the report's headline figures."""
+    """Step 4: baseline and intervention on held-out prompts, as report.json and report.png, and the
+    intervention keeps the report's headline figures; several interventions (named by their ids) side by
+    side as comparison.json and comparison.png."""
     spec = ctx.spec
     assert isinstance(spec, EvaluateSpec | PipelineSpec)
-    intervention_id = spec.intervention_id if isinstance(spec, EvaluateSpec) else ctx.jobs.get(ctx.job_id).intervention_id
-    assert intervention_id is not None
-    directory = ctx.interventions.fetch(intervention_id, ctx.settings.data_dir / "cache" / "interventions")
+    if isinstance(spec, EvaluateSpec):
+        ids = spec.evaluated_ids()
+    else:  # a pipeline evaluates what its reconstruct step built
+        built = ctx.jobs.get(ctx.job_id).intervention_id
+        assert built is not None
+        ids = [built]
+    cache = ctx.settings.data_dir / "cache" / "interventions"
+    directories = {i: ctx.interventions.fetch(i, cache) for i in ids}
     if isinstance(spec, PipelineSpec):
-        config = evaluate_config(pipeline_config(ctx), directory)
+        config = evaluate_config(pipeline_config(ctx), directories[ids[0]])
     else:
         ppl_text = text_path(spec.ppl_text, ctx.settings, ctx.store, ctx.scratch, field="ppl_text") if spec.ppl_text else None
-        config = config_from(EvaluateConfig, spec, prompts=_prompts(ctx), intervention=directory,
+        config = config_from(EvaluateConfig, spec, prompts=_prompts(ctx), interventions=directories,
                              reference_csv=_reference(ctx), ppl_text=ppl_text)
     result = run_evaluate(ctx.lm(), config, ctx.out, ctx.hooks())
-    ctx.interventions.set_metrics(intervention_id, report_summary(result.report, ctx.job_id))
+    if len(directories) == 1:  # a comparison's figures are the job's, not one intervention's headline
+        ctx.interventions.set_metrics(ids[0], report_summary(result.report, ctx.job_id))
     return StepResult()
 
 

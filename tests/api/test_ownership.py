@@ -168,6 +168,16 @@ def test_another_keys_intervention_is_unknown_everywhere(client: TestClient, par
     assert client.post("/jobs/evaluate", json=body, headers=ALICE).status_code == 202
 
 
+def test_every_compared_intervention_must_be_visible_to_the_caller(client: TestClient, parked: JobService,
+                                                                   alices_intervention: str) -> None:
+    body = {"prompts": {"texts": ["a"]}, "intervention_ids": [BUILTIN_ID, alices_intervention]}
+    refused = client.post("/jobs/evaluate", json=body, headers=BOB)
+    assert refused.status_code == 422 and refused.json()["field"] == "intervention_ids", refused.text
+    assert alices_intervention in refused.json()["detail"]
+    accepted = client.post("/jobs/evaluate", json=body, headers=ALICE)
+    assert accepted.status_code == 202 and accepted.json()["params"]["intervention_ids"] == body["intervention_ids"]
+
+
 def test_an_activated_intervention_is_everyones(client: TestClient, alices_intervention: str) -> None:
     try:
         assert client.post(f"/interventions/{alices_intervention}/activate").status_code == 200

@@ -30,3 +30,29 @@ def test_the_cli_flag_has_the_same_default_and_none_disables_it() -> None:
     assert build_parser().parse_args([*args, "--second-scorer", "profanity"]).second_scorer == "profanity"
     pipeline = ["pipeline", "--prompts", "p", "--train-rows", "0:1", "--eval-rows", "1:2", "--out", "o"]
     assert build_parser().parse_args([*pipeline, "--second-scorer", "None"]).second_scorer is None
+
+
+def test_evaluate_takes_one_intervention_id_or_a_list_of_them() -> None:
+    texts = {"prompts": EVALUATE["prompts"]}
+    assert EvaluateSpec.model_validate(EVALUATE).evaluated_ids() == ["embedded-default"]
+    several = EvaluateSpec.model_validate({**texts, "intervention_ids": ["b-2", "a.1", "c_3"]})
+    assert several.evaluated_ids() == ["b-2", "a.1", "c_3"] and several.intervention_id is None
+    assert EvaluateSpec.model_validate({**texts, "intervention_ids": ["only"]}).evaluated_ids() == ["only"]
+    assert EvaluateSpec.model_validate(several.model_dump(mode="json")) == several  # the worker re-reads it
+
+
+@pytest.mark.parametrize(("given", "field", "words"), [
+    ({}, "intervention_ids", "exactly one of intervention_id and intervention_ids"),
+    ({"intervention_id": "embedded-default", "intervention_ids": ["x"]}, "intervention_ids", "exactly one of"),
+    ({"intervention_ids": []}, "intervention_ids", "at least 1"),
+    ({"intervention_ids": [f"i{n}" for n in range(9)]}, "intervention_ids", "at most 8"),
+    ({"intervention_ids": ["a", "b", "a"]}, "intervention_ids", "unique"),
+    ({"intervention_ids": ["a", "baseline"]}, "intervention_ids", "unedited model"),
+    ({"intervention_ids": ["a", "../b"]}, "intervention_ids.1", "pattern"),
+    ({"intervention_ids": "a"}, "intervention_ids", "list"),
+])
+def test_bad_intervention_ids_name_their_field(given: dict, field: str, words: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        EvaluateSpec.model_validate({"prompts": EVALUATE["prompts"], **given})
+    first = error.value.errors()[0]
+    assert ".".join(map(str, first["loc"])) == field and words in first["msg"], first

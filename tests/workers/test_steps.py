@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from eigenshift_core.configs import ExtractConfig, ReconstructConfig
+from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
 from eigenshift_core.steps import run_extract, run_reconstruct
 from tests.conftest import REFERENCE_CSV, SHARED_DATA
@@ -78,6 +79,30 @@ def test_an_evaluate_job_measures_fluency_on_ppl_text_and_keeps_the_reports_metr
     assert report["provenance"]["job_id"] == built
     kept = InterventionRegistry(connect(settings), store, settings.key_prefix).get(built, SYSTEM).metrics
     assert kept == report_summary(report, job_id)
+
+
+def test_an_evaluate_job_with_several_ids_writes_their_comparison(settings: Settings, tmp_path: Path) -> None:
+    """Each id is a method of one comparison (one baseline, the same prompts and seeds); no intervention's
+    headline figures change, since no single-intervention report was made."""
+    from workers.interventions import BUILTIN_ID, CORE_DEFAULT
+
+    store = open_store(settings)
+    registry = InterventionRegistry(connect(settings), store, settings.key_prefix)
+    registry.register_builtin(None)
+    Intervention.load(CORE_DEFAULT).with_alphas(1.0).save(tmp_path / "identity")
+    registry.register("identity", tmp_path / "identity", model="embedded")
+    kept = registry.get(BUILTIN_ID, SYSTEM).metrics
+    job_id = _create(settings, "evaluate", {
+        "prompts": {"path": "rtp_toxic_prompts_5000.csv"}, "rows": "4000:4003", "intervention_ids": [BUILTIN_ID, "identity"],
+        "samples": 1, "max_new_tokens": 4, "n_boot": 20, "second_scorer": None}, ["evaluate"])
+    assert run_step(job_id, "evaluate", steps.evaluate, settings) == "done"
+    record = JobStore(connect(settings), settings.key_prefix).get(job_id)
+    assert record.artifacts == ["evaluate/comparison.json", "evaluate/comparison.png"]
+    report = json.loads(b"".join(store.iter_bytes(f"jobs/{job_id}/evaluate/comparison.json")))
+    assert list(report["methods"]) == [BUILTIN_ID, "identity"] and report["protocol"]["n_prompts"] == 3
+    assert report["methods"]["identity"]["unchanged_share"] == 1.0
+    assert report["eval_prompts"]["rows"] == "4000:4003"
+    assert registry.get(BUILTIN_ID, SYSTEM).metrics == kept and registry.get("identity", SYSTEM).metrics is None
 
 
 def test_a_cancel_stops_a_running_step_within_a_batch(settings: Settings) -> None:

@@ -63,7 +63,7 @@ async def create_reconstruct_job(body: ReconstructJobCreate, service: ServiceDep
 @router.post("/evaluate", status_code=202, responses=ACCEPTED)
 async def create_evaluate_job(body: EvaluateJobCreate, service: ServiceDep, response: Response, caller: WriterDep,
                               idempotency_key: IdempotencyKeyDep = None) -> JobPublic:
-    """Queue step 4: toxicity before and after an intervention on held-out prompts."""
+    """Queue step 4: toxicity before and after an intervention on held-out prompts, or several side by side."""
     return await _submit(service, "evaluate", body, idempotency_key, response, caller)
 
 
