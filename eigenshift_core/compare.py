@@ -1,13 +1,16 @@
 """Several interventions, side by side: one baseline, every method on the same prompts, seeds and judge.
 
 The baseline is sampled once; each method's arm continues the same prompts with the same seeds (so a
-method that changes nothing gives the baseline's texts), one scorer judges all, and each method gets its
-toxicity metrics with bootstrap intervals, its paired reduction against the baseline, and its perplexity
-on a neutral text. Any family works (`families.DetoxIntervention`: EigenShift, AURA, ...).
-`comparison.json` and `comparison.png` (toxicity vs perplexity, a labelled point per method) are the report.
+method that changes nothing gives the baseline's texts), one scorer judges all (and a second judge, when
+given, again), and each method gets what `evaluation.evaluate` would report for it alone: toxicity metrics
+with bootstrap intervals, the paired reduction against the baseline under every judge, distinct-n and
+repetition, and its perplexity on a neutral text with paired intervals. Any family works
+(`families.DetoxIntervention`: EigenShift, AURA, ...). `comparison.json` and `comparison.png` (toxicity vs
+perplexity, a labelled point per method) are the report.
 
 CLI: `python -m eigenshift_core.compare --prompts P --rows A:B --intervention name=DIR ... --out DIR`
-(`--aura-from-reference-csv CSV` also builds AURA on that step-2 CSV's `--aura-rows`).
+(`--aura-from-reference-csv CSV` also builds AURA on that step-2 CSV's `--aura-rows`); `eigenshift evaluate`
+with several `--intervention` runs the same `run_compare`.
 """
 
 from __future__ import annotations
