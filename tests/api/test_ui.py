@@ -191,6 +191,12 @@ def test_jobs_page_cancels_a_queued_job(submitted: tuple[Console, str], client: 
     console.check_no_script_errors()
 
 
+def js_number(value: float, digits: int) -> str:
+    """The console's `formatNumber` for ordinary magnitudes: Number(value.toPrecision(digits)).toString()."""
+    rounded = float(f"{value:.{digits}g}")
+    return str(int(rounded)) if rounded.is_integer() else repr(rounded)
+
+
 def test_intervention_page_plots_each_direction_and_the_report(
         submitted: tuple[Console, str], open_console: Callable[[str, str], Console], client: TestClient,
         settings: Settings) -> None:
@@ -216,10 +222,14 @@ def test_intervention_page_plots_each_direction_and_the_report(
     assert [int(i) for i in shown] == indices
 
     report = page.locator("#report-table")
-    expect(report.locator('[data-metric="toxicity_rate"]')).to_contain_text("0.035 (CI 0.0265–0.044)")
-    expect(report.locator('[data-metric="toxicity_rate"]')).to_contain_text("0.0195 (CI 0.0135–0.0255)")
-    expect(report.locator('[data-metric="perplexity"]')).to_contain_text("24.78")
-    expect(report.locator('[data-metric="toxicity_reduction"]')).to_contain_text("44.29 %")
+    figures = json.loads(DEFAULT_REPORT.read_text())
+    for arm in ("baseline", "intervention"):
+        rate = figures[arm]["toxicity_rate"]
+        expect(report.locator('[data-metric="toxicity_rate"]')).to_contain_text(
+            f"{js_number(rate['value'], 4)} (CI {js_number(rate['low'], 3)}–{js_number(rate['high'], 3)})")
+    expect(report.locator('[data-metric="perplexity"]')).to_contain_text(js_number(figures["baseline"]["perplexity"], 4))
+    expect(report.locator('[data-metric="toxicity_reduction"]')).to_contain_text(
+        f"{js_number(figures['toxicity_reduction']['value'], 4)} %")
     screenshot(page, "console-intervention.png")
 
     active_before = next(i["id"] for i in client.get("/interventions").json()["data"]
