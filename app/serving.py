@@ -1,8 +1,9 @@
 """Text from the served model: continuous batching, every row with its own detox setting.
 
 `Decoder` holds the running batch. Each `step` prefills waiting rows (at most `prefill_tokens` padded prompt
-tokens per step; a longer prompt is fed alone in chunks over several steps, so it cannot hold the batch),
-merges them into the batch's KV cache, runs one decode forward for every running row and lets the rows that
+tokens per step, whole prompts first; a longer prompt is fed alone in chunks over several steps with an eighth
+of the budget while others decode, so it cannot hold the batch, and then decodes in a cache of its own, so the others' caches are
+never padded to its length), merges them into the batch's KV cache, runs one decode forward for every running row and lets the rows that
 ended go (their cache rows are dropped with `index_select` at the next merge). The cache is one
 `DynamicCache` of shape (rows, kv_heads, T, head_dim) per layer with a (rows, T) attention mask: rows of
 different lengths are left-padded with masked zeros, and each row has its own position ids, so what a row
@@ -102,6 +103,7 @@ class Row:
         return GenerationOutput(text, self.tokens, self.logprobs, self.finish)
 
 
+LONG_CHUNK_DIVISOR = 8  # a long prompt's chunk, while other rows decode: prefill budget / 8 tokens
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, each (rows, kv_heads, T, head_dim)
 
 
@@ -196,12 +198,15 @@ class Decoder:
         self._device = lm.model.device
         self._waiting: deque[Row] = deque()
         self._partial: _Block | None = None  # one long prompt part-way through its prefill, alone
-        self._batch: _Block | None = None
+        self._batch: _Block | None = None  # the running rows of ordinary prompts, one cache
+        # Rows whose prompt needed chunks, each with its own cache: merged into `_batch`, one such row would
+        # left-pad every other row's cache to its length and make every decode step attend over it.
+        self._long: list[_Block] = []
 
     @property
     def rows(self) -> int:
         """Rows held: waiting for prefill, part-way through it, or decoding."""
-        running = sum(not row.ended for row in self._batch.rows) if self._batch else 0
+        running = sum(not row.ended for block in self._running() for row in block.rows)
         return len(self._waiting) + (self._partial is not None) + running
 
     @property
@@ -209,8 +214,11 @@ class Decoder:
         return self.rows == 0
 
     def live_rows(self) -> list[Row]:
-        running = [row for row in self._batch.rows if not row.ended] if self._batch else []
+        running = [row for block in self._running() for row in block.rows if not row.ended]
         return [*self._waiting, *(self._partial.rows if self._partial else []), *running]
+
+    def _running(self) -> list[_Block]:
+        return [*([self._batch] if self._batch is not None else []), *self._long]
 
     def add(self, request: GenerationRequest, ticket: _Ticket | None = None, index: int = 0,
             wave: _Wave | None = None) -> Row:
@@ -237,6 +245,7 @@ class Decoder:
         rows = self.live_rows()
         self._waiting.clear()
         self._partial = self._batch = None
+        self._long = []
         return rows
 
     @torch.inference_mode()
@@ -246,10 +255,18 @@ class Decoder:
         self._waiting = deque(row for row in self._waiting if not row.ended)
         joining = self._prefill()
         ended += [row for block in joining for row in block.rows if row.ended]
-        self._batch = _merge([block for block in (self._batch, *joining) if block is not None], self.compact)
-        if self._batch is not None:
-            ended += self._decode(self._batch)
+        chunked = [block for block in joining if block.mask.shape[1] > self._long_width()]
+        ordinary = [block for block in joining if block not in chunked]
+        self._batch = _merge([block for block in (self._batch, *ordinary) if block is not None], self.compact)
+        self._long = [merged for block in (*self._long, *chunked)
+                      if (merged := _merge([block], self.compact)) is not None]
+        for block in self._running():
+            ended += self._decode(block)
         return ended
+
+    def _long_width(self) -> float:
+        """Prompts longer than one step's prefill budget were fed in chunks: they decode in blocks of their own."""
+        return self.prefill_tokens if self.prefill_tokens is not None else math.inf
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache | None) -> DynamicCache:
@@ -269,27 +286,33 @@ class Decoder:
         return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
 
     def _prefill(self) -> list[_Block]:
-        """Feed prompts within the step's budget: first the long prompt part-way through, then whole prompts
-        in arrival order as one left-padded batch. The blocks whose prompts are done (first token chosen)."""
+        """Feed prompts within the step's budget: whole prompts first, in arrival order, as one left-padded
+        batch (their requests wait on them and they are cheap), then the long prompt part-way through its
+        chunks. That one keeps 1/LONG_CHUNK_DIVISOR of the budget while it lasts (and gets no more while other rows
+        decode), so it progresses every step without
+        holding back the prompts that arrive behind it. The blocks whose prompts are done (first token chosen)."""
         budget = self.prefill_tokens if self.prefill_tokens is not None else math.inf
-        done: list[_Block] = []
-        if self._partial is not None:
-            budget -= self._feed_partial(int(min(budget, len(self._partial.rows[0].prompt))))
-            if not self._partial.rows[0].prompt:
-                done.append(self._partial)
-                self._partial = None
+        room = budget - (math.ceil(budget / LONG_CHUNK_DIVISOR) if self._partial is not None else 0)
         group: list[Row] = []
         while self._waiting:
             longest = max([len(self._waiting[0].prompt), *(len(r.prompt) for r in group)])
-            if (len(group) + 1) * longest <= budget:
-                group.append(self._waiting.popleft())
-            elif not group and self._partial is None and budget > 0:  # too long for one step: chunks, alone
-                row = self._waiting.popleft()
-                self._partial = _Block([row], None, torch.ones(1, 0, dtype=torch.long, device=self._device))
-                self._feed_partial(int(budget))
+            if (len(group) + 1) * longest > room:
                 break
-            else:
-                break
+            group.append(self._waiting.popleft())
+        budget -= len(group) * max((len(r.prompt) for r in group), default=0)
+        if self._partial is None and not group and self._waiting and budget > 0:  # too long for one step: chunks
+            row = self._waiting.popleft()
+            self._partial = _Block([row], None, torch.ones(1, 0, dtype=torch.long, device=self._device))
+        done: list[_Block] = []
+        if self._partial is not None and budget > 0:
+            # While other rows decode, a chunk costs about what their decode step does (≈ 1/8 of the budget
+            # on a CPU), so they run at most about twice as slow while a long prompt is read.
+            if self._batch is not None or self._long:
+                budget = min(budget, math.ceil(self.prefill_tokens / LONG_CHUNK_DIVISOR) if self.prefill_tokens else budget)
+            self._feed_partial(int(min(budget, len(self._partial.rows[0].prompt))))
+            if not self._partial.rows[0].prompt:
+                done.append(self._partial)
+                self._partial = None
         if group:
             done.append(self._feed_group(group))
         return done

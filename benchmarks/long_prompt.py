@@ -71,7 +71,7 @@ def long_text(lm: Any, tokens: int) -> str:
     return str(lm.tokenizer.decode(ids))
 
 
-async def run(size: dict[str, int]) -> dict[str, Any]:
+async def run(size: dict[str, int], prefill_tokens: int | None) -> dict[str, Any]:
     from app.main import create_app
     from eigenshift_core.loading import load_model
     from workers.redis_server import start_redis_server
@@ -87,7 +87,8 @@ async def run(size: dict[str, int]) -> dict[str, Any]:
         del lm
         settings = Settings(redis_url=url, data_dir=tmp / "data", default_intervention=tmp / "intervention",
                             device="cpu", batch_max_size=32, max_generate_batch=64, rate_limit_per_s=1e6,
-                            rate_limit_burst=10**6, max_prompt_tokens=8000, max_prompt_chars=10**6)
+                            rate_limit_burst=10**6, max_prompt_tokens=8000, max_prompt_chars=10**6,
+                            **({"prefill_tokens_per_step": prefill_tokens} if prefill_tokens else {}))
         app = create_app(settings)
         results: dict[str, Any] = {}
         async with app.router.lifespan_context(app):
@@ -107,9 +108,10 @@ async def run(size: dict[str, int]) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or NAME)
+    args = parse_args(__doc__ or NAME, options=lambda p: p.add_argument(
+        "--prefill-tokens", type=int, default=None, help="prefill_tokens_per_step (default: the setting's default)"))
     size = QUICK if args.quick else FULL
-    out = asyncio.run(run(size))
+    out = asyncio.run(run(size, args.prefill_tokens))
     r = out["results"]
     # The baseline is the better of two runs without the long prompt (before and after), so drift in
     # machine load does not flatter the ratio.

@@ -121,3 +121,21 @@ def test_streamed_text_decodes_each_token_once(embedded: LoadedModel, monkeypatc
     assert calls == []  # no whole-text decode per token: the streaming decoder saw each token once
     deltas.append(choice.finish())
     assert calls == [len(ids)] and "".join(deltas) == choice.text == text
+
+
+def test_a_chunked_prompt_decodes_beside_the_batch_not_in_it(tiny_llama: LoadedModel) -> None:
+    """A prompt too long for one step's budget keeps a cache of its own: the ordinary rows' cache is never
+    left-padded to its length (every decode step would attend over it)."""
+    decoder = Decoder(tiny_llama, prefill_tokens=8)
+    short = [decoder.add(GenerationRequest(p, 80, 0.0, 1.0, 0)) for p in ("hi", "yo")]
+    long = decoder.add(GenerationRequest("word " * 40, 4, 0.0, 1.0, 0))
+    widths = []
+    while not long.ended:
+        decoder.step()
+        if decoder._batch is not None:
+            widths.append(decoder._batch.mask.shape[1])
+            assert long not in decoder._batch.rows
+    assert long.tokens and short[0].tokens and widths  # both decoded, the short ones in the batch
+    assert max(widths) < long.fed // 2  # the long prompt's cache (fed tokens) never joined theirs
+    decoder.step()  # the step after its last token lets its block go
+    assert decoder._long == []
