@@ -253,20 +253,14 @@ class Decoder:
         """One scheduling step; the rows that ended in it, in no particular order."""
         ended = [row for row in self._waiting if row.ended]  # a budget of 0
         self._waiting = deque(row for row in self._waiting if not row.ended)
-        joining = self._prefill()
-        ended += [row for block in joining for row in block.rows if row.ended]
-        chunked = [block for block in joining if block.mask.shape[1] > self._long_width()]
-        ordinary = [block for block in joining if block not in chunked]
-        self._batch = _merge([block for block in (self._batch, *ordinary) if block is not None], self.compact)
+        fed, chunked = self._prefill()
+        ended += [row for block in (*fed, *chunked) for row in block.rows if row.ended]
+        self._batch = _merge([block for block in (self._batch, *fed) if block is not None], self.compact)
         self._long = [merged for block in (*self._long, *chunked)
                       if (merged := _merge([block], self.compact)) is not None]
         for block in self._running():
             ended += self._decode(block)
         return ended
-
-    def _long_width(self) -> float:
-        """Prompts longer than one step's prefill budget were fed in chunks: they decode in blocks of their own."""
-        return self.prefill_tokens if self.prefill_tokens is not None else math.inf
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache | None) -> DynamicCache:
@@ -285,14 +279,16 @@ class Decoder:
                 row.accept(token, logprob, self._stop)
         return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
 
-    def _prefill(self) -> list[_Block]:
+    def _prefill(self) -> tuple[list[_Block], list[_Block]]:
         """Feed prompts within the step's budget: whole prompts first, in arrival order, as one left-padded
         batch (their requests wait on them and they are cheap), then the long prompt part-way through its
-        chunks. That one keeps 1/LONG_CHUNK_DIVISOR of the budget while it lasts (and gets no more while other rows
-        decode), so it progresses every step without
-        holding back the prompts that arrive behind it. The blocks whose prompts are done (first token chosen)."""
+        chunks, which keeps 1/LONG_CHUNK_DIVISOR of the budget and gets no more while other rows decode: it
+        progresses every step without holding back the prompts behind it or slowing the running rows more
+        than about twofold. The blocks whose prompts are done (first token chosen): (whole prompts, the
+        long prompt once its last chunk is in, which decodes in a block of its own)."""
         budget = self.prefill_tokens if self.prefill_tokens is not None else math.inf
-        room = budget - (math.ceil(budget / LONG_CHUNK_DIVISOR) if self._partial is not None else 0)
+        reserve = math.ceil(budget / LONG_CHUNK_DIVISOR) if self.prefill_tokens is not None else math.inf
+        room = budget - reserve if self._partial is not None else budget
         group: list[Row] = []
         while self._waiting:
             longest = max([len(self._waiting[0].prompt), *(len(r.prompt) for r in group)])
@@ -303,19 +299,15 @@ class Decoder:
         if self._partial is None and not group and self._waiting and budget > 0:  # too long for one step: chunks
             row = self._waiting.popleft()
             self._partial = _Block([row], None, torch.ones(1, 0, dtype=torch.long, device=self._device))
-        done: list[_Block] = []
+        chunked: list[_Block] = []
         if self._partial is not None and budget > 0:
-            # While other rows decode, a chunk costs about what their decode step does (≈ 1/8 of the budget
-            # on a CPU), so they run at most about twice as slow while a long prompt is read.
-            if self._batch is not None or self._long:
-                budget = min(budget, math.ceil(self.prefill_tokens / LONG_CHUNK_DIVISOR) if self.prefill_tokens else budget)
+            if self._running():  # a chunk then costs about what their decode step does (CPU, SmolLM2)
+                budget = min(budget, reserve)
             self._feed_partial(int(min(budget, len(self._partial.rows[0].prompt))))
             if not self._partial.rows[0].prompt:
-                done.append(self._partial)
+                chunked.append(self._partial)
                 self._partial = None
-        if group:
-            done.append(self._feed_group(group))
-        return done
+        return ([self._feed_group(group)] if group else []), chunked
 
     def _feed_partial(self, chunk: int) -> int:
         """The next `chunk` prompt tokens of the long prompt; the token it chooses is kept only after the last."""
