@@ -4,9 +4,11 @@ Task: the evaluation's generation, the first 128 RealToxicityPrompts prompts × 
 sampled (top_p 0.95, T 1.0), on `embedded`, batch 32 (the steps' default). Both arms are
 `generate_continuations` with the same arguments but two switches:
 - ours: `share_prefill=True` (each distinct prompt of a batch prefilled once, its KV cache gathered to its
-  samples) and `sort_free_top_p=True` (the nucleus found by sorting values only, `SortFreeTopP`);
-- the naive way: `share_prefill=False` (every row prefills its prompt) and transformers' own top-p warper
-  (an argsort of every (rows, vocab) logits tensor at every step).
+  samples) and `fast_sampling=True` (the nucleus found by sorting values only, `SortFreeTopP`, and
+  torch.multinomial's draws replayed where the nucleus is, `ReplayedMultinomial`);
+- the naive way: `share_prefill=False` (every row prefills its prompt), transformers' own top-p warper
+  (an argsort of every (rows, vocab) logits tensor at every step) and `torch.multinomial` (an exponential
+  draw for every vocabulary entry of every row at every step).
 ratio = naive seconds / our seconds. (The arm names keep their first meaning: per_row is the naive way.)
 The prompts run in chunks, the two arms alternating which goes first, so drifting machine load hits both
 alike. The tokens must agree exactly and the states within 1e-5 (same seed, float32 on CPU).
@@ -34,7 +36,7 @@ SAMPLING = {"do_sample": True, "top_p": 0.95, "temperature": 1.0, "seed": 0}
 def run_arm(lm: LoadedModel, prompts: list[str], size: dict[str, int], shared: bool) -> tuple[Continuations, float]:
     return timed(lambda: generate_continuations(
         lm, prompts, samples=size["samples"], max_new_tokens=size["max_new_tokens"], batch_size=size["batch_size"],
-        share_prefill=shared, sort_free_top_p=shared, **SAMPLING,
+        share_prefill=shared, fast_sampling=shared, **SAMPLING,
     ))
 
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"embedded loaded in {load_seconds:.1f}s; warm-up")
     for shared in (False, True):
         generate_continuations(lm, prompts[:2], samples=2, max_new_tokens=2, share_prefill=shared,
-                               sort_free_top_p=shared, **SAMPLING)
+                               fast_sampling=shared, **SAMPLING)
 
     seconds = {"per_row": 0.0, "shared": 0.0}
     agreement = {"rows": 0, "identical_rows": 0, "max_abs_state_diff": 0.0}
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         settings={
             "quick": args.quick, "model": "embedded", **size, **SAMPLING, "threads": args.threads,
-            "ratio": "naive seconds (per-row prefill, argsort top-p) / ours (shared prefill, sort-free top-p)",
+            "ratio": "naive seconds (per-row prefill, argsort top-p, torch.multinomial) / ours (shared prefill, sort-free top-p, replayed draws)",
             "tokens": "generated = tokens before the stop token; with_prompt adds every row's prompt tokens",
             "state_tolerance": STATE_TOLERANCE,
         },

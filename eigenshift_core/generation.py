@@ -34,7 +34,7 @@ from eigenshift_core.errors import InputError
 from eigenshift_core.files import atomic_write
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel, Tokenizer, output_layer
-from eigenshift_core.sampling import SortFreeTopP
+from eigenshift_core.sampling import ReplayedMultinomial, SortFreeTopP
 
 Span = tuple[int, int]
 Progress = Callable[[int, int], None]  # (rows done, total rows), called after every batch
@@ -163,7 +163,7 @@ def generate_continuations(
     batch_size: int = 32,
     intervention: Intervention | None = None,
     share_prefill: bool = True,
-    sort_free_top_p: bool = True,
+    fast_sampling: bool = True,
     progress: bool = False,
     on_progress: Progress | None = None,
 ) -> Continuations:
@@ -172,8 +172,8 @@ def generate_continuations(
     Rows are prompt-major (prompt 0's samples first). Sampling is seeded per batch (seed + batch number),
     so the same seed and batch_size give the same samples, with or without an intervention.
     share_prefill: prefill each distinct prompt of a batch once (same tokens and states as False, which
-    prefills every row). sort_free_top_p: nucleus filtering by `SortFreeTopP` (the same tokens as False, which
-    uses transformers' warper and its argsort). on_progress(rows done, total rows) is called after every batch.
+    prefills every row). fast_sampling: nucleus filtering by `SortFreeTopP` and draws by `ReplayedMultinomial`
+    (the same tokens as False, which uses transformers' warper with its argsort, and `torch.multinomial`). on_progress(rows done, total rows) is called after every batch.
     The paper's protocol is samples=25, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=1.0.
     """
     _check_prompts(prompts)
@@ -190,7 +190,7 @@ def generate_continuations(
     states = torch.zeros(n, max_new_tokens, d)
     lengths = torch.zeros(n, dtype=torch.long)
     batches = _length_sorted_batches([len(encoded[p]) for p in row_prompt], batch_size)
-    sampling = sampling_arguments(do_sample, top_p, temperature, sort_free_top_p)
+    sampling = sampling_arguments(do_sample, top_p, temperature, fast_sampling)
     done = 0
     for number, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
         padded = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
@@ -223,20 +223,21 @@ def generate_continuations(
     return Continuations(list(prompts), torch.tensor(row_prompt), list(texts), token_ids, lengths, states, list(spans))
 
 
-def sampling_arguments(do_sample: bool, top_p: float, temperature: float, sort_free_top_p: bool) -> dict[str, Any]:
-    """`model.generate` keywords for greedy or nucleus sampling. Sort-free: temperature and `SortFreeTopP`
-    go in as custom processors, in the order generate would add its own warpers (temperature, then top-p),
-    and generate is told to add none."""
+def sampling_arguments(do_sample: bool, top_p: float, temperature: float, fast_sampling: bool) -> dict[str, Any]:
+    """`model.generate` keywords for greedy or nucleus sampling. Fast: temperature, `SortFreeTopP` and
+    `ReplayedMultinomial` go in as custom processors, in the order generate would apply its own (temperature,
+    top-p, then its softmax and draw), and generate runs greedily: the replayed draw leaves one token finite."""
     if not do_sample:
         return {"do_sample": False, "top_p": None, "temperature": None}
-    if not sort_free_top_p:
+    if not fast_sampling:
         return {"do_sample": True, "top_p": top_p, "temperature": temperature}
-    warpers = LogitsProcessorList()
+    processors = LogitsProcessorList()
     if temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
+        processors.append(TemperatureLogitsWarper(temperature))
     if top_p < 1.0:
-        warpers.append(SortFreeTopP(top_p))
-    return {"do_sample": True, "top_p": 1.0, "temperature": 1.0, "logits_processor": warpers}
+        processors.append(SortFreeTopP(top_p))
+    processors.append(ReplayedMultinomial())
+    return {"do_sample": False, "top_p": None, "temperature": None, "logits_processor": processors}
 
 
 def _prompt_groups(prompt_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:

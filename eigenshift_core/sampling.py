@@ -1,20 +1,32 @@
-"""Nucleus (top-p) filtering that gives transformers' `TopPLogitsWarper` result bit for bit, without its argsort.
+"""Sampling that gives transformers' `generate` result bit for bit, at a fraction of its CPU cost.
 
-transformers sorts every row of the logits with its indices (`torch.sort`) to find the nucleus. On the CPU
-that argsort of (rows, vocab) is the largest single cost of sampling a small model: about 100 ms per step
-for 32 rows of SmolLM2's 49,152 tokens, more than a third of the whole decode step. The warper needs the
-indices only to map its removal mask back to the vocabulary, and the mask is always an ascending prefix
+Two steps of a sampled decode dominate after the model's own matmuls on a CPU (32 rows of SmolLM2's 49,152
+tokens): the top-p warper's argsort of the (rows, vocab) logits, and `torch.multinomial`'s exponential
+draws, one per vocabulary entry per row. Each has an exact replacement here.
+
+`SortFreeTopP`. transformers sorts every row with its indices (`torch.sort`) to find the nucleus. It needs
+the indices only to map its removal mask back to the vocabulary, and the mask is always an ascending prefix
 (its cumulative probabilities never decrease), so a value threshold says the same thing:
-
 - sort the values only (numpy's vectorised sort: ~30× faster than torch's argsort here); the sorted values
   equal torch's, so softmax and cumsum over them give the same cumulative probabilities, bit for bit;
 - the prefix ends at m: every token whose logit is below the first kept value is removed.
-
 That is exact unless equal logits straddle the cut (which of them torch's sort put first decides then);
 any such row, a non-CPU tensor or an unusual dtype hands the batch to transformers' own warper.
+
+`ReplayedMultinomial`. For one sample per row, `torch.multinomial(p, 1)` is argmax(p / q) with q ~ Exp(1)
+drawn for every entry, in row-major order, from the default CPU generator (an MT19937 stream; each draw
+takes two 32-bit words, u = 53 of their bits / 2^53, q = -log1p(-u), rounded to p's dtype). Outside the
+nucleus p is 0, so p / q is 0 and cannot win. The replay copies the generator's state into numpy's MT19937,
+generates the same words (cheap: no logarithms), computes q only where p > 0, picks the same argmax and
+writes the advanced state back, so every later draw is unchanged too. Whether this torch build still draws
+that way is checked once per process against `torch.multinomial` itself; if not, or for anything unusual
+(a draw of exactly u = 0, non-finite or negative probabilities, another device), torch samples.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 import torch
@@ -33,9 +45,11 @@ class SortFreeTopP(LogitsProcessor):
             return self.reference(input_ids, scores)
         values = torch.from_numpy(np.sort(scores.detach().numpy(), axis=-1))  # (rows, vocab) ascending
         cumulative = values.softmax(dim=-1).cumsum(dim=-1)  # what the warper computes on torch.sort's values
-        remove = cumulative <= (1 - self.top_p)
-        remove[..., -self.min_tokens_to_keep :] = False
-        removed = remove.sum(dim=-1)  # (rows,) length of the removed prefix
+        # The warper removes `cumulative <= 1 - top_p` (a prefix: the cumsum never decreases), except the
+        # last min_tokens_to_keep; the bound is compared in the scores' dtype, as torch compares a scalar.
+        bound = torch.full((values.shape[0], 1), 1 - self.top_p, dtype=cumulative.dtype)
+        removed = torch.searchsorted(cumulative, bound, right=True)[:, 0]  # (rows,) removed prefix length
+        removed = removed.clamp(max=max(values.shape[-1] - self.min_tokens_to_keep, 0))
         kept_from = removed.clamp(max=values.shape[-1] - 1)[:, None]
         first_kept = values.gather(1, kept_from)  # (rows, 1)
         last_removed = values.gather(1, (removed - 1).clamp(min=0)[:, None])
@@ -44,3 +58,111 @@ class SortFreeTopP(LogitsProcessor):
             return self.reference(input_ids, scores)
         threshold = torch.where(cut, first_kept, torch.full_like(first_kept, -float("inf")))
         return scores.masked_fill(scores < threshold, self.filter_value)  # type: ignore[return-value]
+
+
+class ReplayedMultinomial(LogitsProcessor):
+    """The last processor of a sampled `generate` that runs greedily (`do_sample=False`): it samples each row
+    as generate's sampling step would (softmax of the processed scores, then `torch.multinomial(probs, 1)`
+    on the default generator), through `replayed_multinomial`, and leaves only that token finite, so
+    generate's argmax takes it."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        tokens = replayed_multinomial(torch.nn.functional.softmax(scores, dim=-1))  # (rows,)
+        chosen = torch.full_like(scores, -float("inf"))
+        return chosen.scatter_(1, tokens[:, None].to(scores.device), 0.0)  # type: ignore[return-value]
+
+
+# torch's CPU generator state (`torch.get_rng_state()`, 5056 bytes): seed u64, left i32, seeded i32,
+# next u64, then the 624 MT19937 words, each in a u64, then the normal-sampling cache (untouched here).
+_LEFT, _NEXT, _WORDS = slice(8, 12), slice(16, 24), slice(24, 24 + 624 * 8)
+_STATE_BYTES = 5056
+_MANTISSA_HIGH_BITS = np.uint64((1 << 21) - 1)  # u's top 21 of 53 bits come from the first word
+_NEAR_TIE = 1e-5  # candidates this close to their row's best get q from libm's log1p, as torch computes it
+
+
+def _numpy_stream(state: np.ndarray) -> np.random.MT19937:
+    """numpy's MT19937 at torch's position: torch decrements `left` before it draws (625 − left = next)."""
+    bits = np.random.MT19937()
+    key = state[_WORDS].view(np.uint64).astype(np.uint32)
+    left = int(state[_LEFT].view(np.int32)[0])
+    bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 625 - left}}
+    return bits
+
+
+def _store_stream(state: np.ndarray, bits: np.random.MT19937) -> None:
+    stream = bits.state["state"]
+    state[_WORDS].view(np.uint64)[:] = stream["key"]
+    state[_LEFT].view(np.int32)[0] = 625 - stream["pos"]
+    state[_NEXT].view(np.uint64)[0] = stream["pos"]
+
+
+def replayed_multinomial(probs: torch.Tensor) -> torch.Tensor:
+    """`torch.multinomial(probs, 1)[:, 0]` for probs (rows, vocab): the same tokens and the same default
+    generator state afterwards, with exponentials computed only where probs > 0."""
+    tokens = _replay(probs) if _replayable(probs) and _torch_draws_as_replayed() else None
+    return torch.multinomial(probs, 1)[:, 0] if tokens is None else tokens
+
+
+def _replayable(probs: torch.Tensor) -> bool:
+    return (probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64) and probs.dim() == 2
+            and probs.is_contiguous() and not probs.requires_grad)
+
+
+def _replay(probs: torch.Tensor) -> torch.Tensor | None:
+    """The tokens, with the default generator advanced past the draws; None (the generator untouched) where
+    torch must sample: non-finite, negative or all-zero rows (its checks raise its errors) or a u = 0 draw."""
+    rows, vocab = probs.shape
+    state = torch.get_rng_state().numpy().copy()
+    if state.shape != (_STATE_BYTES,):
+        return None
+    bits = _numpy_stream(state)
+    words = bits.random_raw(rows * vocab * 2)  # (rows·vocab·2,) uint64 < 2^32: entry i draws words 2i, 2i+1
+    p = probs.numpy()
+    flat = np.flatnonzero(p != 0)  # (n,) the nucleus, row-major (nan counts as nonzero: caught below)
+    row, token = np.divmod(flat, vocab)
+    values = p.reshape(-1)[flat]  # (n,)
+    if np.bincount(row, minlength=rows).min() == 0 or not (np.isfinite(values).all() and (values > 0).all()):
+        return None
+    mantissa = (words[2 * flat] & _MANTISSA_HIGH_BITS) << np.uint64(32) | words[2 * flat + 1]  # (n,) u's 53 bits
+    if _zero_draw_anywhere(words):
+        return None
+    uniform = mantissa.astype(np.float64) * 2.0**-53
+    ratio = values / (-np.log1p(-uniform)).astype(p.dtype)  # (n,) p / q, divided in p's dtype as torch does
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])  # (rows,) each row's first nucleus position
+    counts = np.diff(np.r_[starts, len(row)])
+    best = np.maximum.reduceat(ratio, starts)  # (rows,)
+    # numpy's log1p may differ from libm's (torch's) in the last bit: recompute the contenders with libm.
+    for i in np.flatnonzero(ratio >= np.repeat(best * (1 - _NEAR_TIE), counts)):
+        ratio[i] = values[i] / p.dtype.type(-math.log1p(-float(uniform[i])))
+    best = np.maximum.reduceat(ratio, starts)
+    winners = np.flatnonzero(ratio == np.repeat(best, counts))
+    first = winners[np.r_[True, row[winners][1:] != row[winners][:-1]]]  # argmax keeps the first maximum
+    _store_stream(state, bits)
+    torch.set_rng_state(torch.from_numpy(state))
+    return torch.from_numpy(token[first])
+
+
+def _zero_draw_anywhere(words: np.ndarray) -> bool:
+    """Any u = 0 (outside the nucleus it makes p / q = 0 / 0 = nan, which torch's argmax would pick)?"""
+    low_zero = np.flatnonzero(words[1::2] == 0)  # 2^-32 per draw: almost always empty
+    return bool((words[2 * low_zero] & _MANTISSA_HIGH_BITS == 0).any())
+
+
+@functools.cache
+def _torch_draws_as_replayed() -> bool:
+    """Once per process: does this torch build sample as the replay assumes? (A build whose CPU
+    exponential_ draws otherwise, e.g. through MKL's streams, keeps torch.multinomial.) The default
+    generator's state is restored afterwards."""
+    saved = torch.get_rng_state()
+    try:
+        probe = torch.rand(6, 700, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 4
+        probs = probe.masked_fill(probe < 0.3, 0.0).float()  # nucleus-like zeros
+        probs = probs / probs.sum(-1, keepdim=True)
+        torch.manual_seed(1234)
+        expected = torch.multinomial(probs, 1)[:, 0]
+        after = torch.get_rng_state()
+        torch.manual_seed(1234)
+        got = _replay(probs)
+        return got is not None and torch.equal(got, expected) and torch.equal(torch.get_rng_state(), after)
+    finally:
+        torch.set_rng_state(saved)

@@ -1,6 +1,6 @@
 """Step 1 on tiny models: captured states are the ones that chose each token, batching changes nothing;
-sharing a prompt's prefill among its samples, and filtering the nucleus without an argsort, change no token
-and no state."""
+sharing a prompt's prefill among its samples, filtering the nucleus without an argsort and replaying
+torch.multinomial's draws change no token and no state."""
 
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def damping(lm: LoadedModel, k: int = 4, seed: int = 0) -> Intervention:
 
 def assert_same_generation(lm: LoadedModel, prompts: list[str], **kwargs) -> None:
     """Today's path (every row prefilled, transformers' top-p) and ours (shared prefill, sort-free top-p)."""
-    per_row = generate_continuations(lm, prompts, share_prefill=False, sort_free_top_p=False, **kwargs)
-    shared = generate_continuations(lm, prompts, share_prefill=True, sort_free_top_p=True, **kwargs)
+    per_row = generate_continuations(lm, prompts, share_prefill=False, fast_sampling=False, **kwargs)
+    shared = generate_continuations(lm, prompts, share_prefill=True, fast_sampling=True, **kwargs)
     assert torch.equal(shared.token_ids, per_row.token_ids)
     assert torch.equal(shared.lengths, per_row.lengths)
     assert torch.allclose(shared.states, per_row.states, atol=1e-5)
@@ -97,6 +97,20 @@ def assert_same_generation(lm: LoadedModel, prompts: list[str], **kwargs) -> Non
 
 
 SAMPLED = {"do_sample": True, "top_p": 0.95, "temperature": 1.0}
+
+
+def test_fast_sampling_never_calls_torch_multinomial(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replay really replaces the draw (were it to fall back, the equality tests would pass but slowly)."""
+    expected = generate_continuations(tiny, PROMPTS, samples=3, max_new_tokens=6, seed=2, fast_sampling=False, **SAMPLED)
+
+    def refuse(*_args: object, **_kwargs: object) -> torch.Tensor:
+        raise AssertionError("torch.multinomial was called")
+
+    monkeypatch.setattr(torch, "multinomial", refuse)
+    with pytest.raises(AssertionError, match="multinomial"):
+        generate_continuations(tiny, PROMPTS, samples=3, max_new_tokens=6, seed=2, fast_sampling=False, **SAMPLED)
+    got = generate_continuations(tiny, PROMPTS, samples=3, max_new_tokens=6, seed=2, **SAMPLED)
+    assert torch.equal(got.token_ids, expected.token_ids)
 
 
 def test_sort_free_sampling_at_other_temperatures_and_masses(tiny: LoadedModel) -> None:

@@ -1,12 +1,20 @@
-"""`SortFreeTopP` against transformers' `TopPLogitsWarper`: the same filtered logits, bit for bit."""
+"""`SortFreeTopP` against transformers' `TopPLogitsWarper` (the same filtered logits, bit for bit) and
+`ReplayedMultinomial` against `torch.multinomial` (the same tokens and the same generator state after)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from eigenshift_core.sampling import SortFreeTopP
+from eigenshift_core.sampling import (
+    ReplayedMultinomial,
+    SortFreeTopP,
+    _torch_draws_as_replayed,
+    _zero_draw_anywhere,
+    replayed_multinomial,
+)
 
 VOCAB = 2000
 
@@ -46,3 +54,74 @@ def test_rows_without_a_cut_are_untouched() -> None:
     got = SortFreeTopP(0.9)(None, scores.clone())
     expected = TopPLogitsWarper(0.9)(None, scores.clone())
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+# --- ReplayedMultinomial: torch.multinomial's draws, replayed -----------------------------------------------------
+
+
+def nucleus_probs(rows: int, vocab: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Softmax of top-p-filtered logits: rows from peaked to flat, most entries exactly 0."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(0.2, 8.0, rows, dtype=dtype)[:, None]
+    logits = torch.randn(rows, vocab, generator=g, dtype=dtype) * scales
+    return SortFreeTopP(0.9)(None, logits).softmax(-1)
+
+
+def multinomial_and_state(probs: torch.Tensor, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(99)
+    torch.rand(3)  # start mid-block, not at a fresh seed
+    tokens = sample(probs)
+    return tokens, torch.get_rng_state()
+
+
+def test_this_torch_build_draws_as_the_replay_assumes() -> None:
+    assert _torch_draws_as_replayed()  # else the replay is never used (correct, but slow): see sampling.py
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 2), (3, 700), (16, 5000), (2, 49152)])
+def test_replay_gives_torch_multinomial_tokens_and_generator_state(rows: int, vocab: int, dtype: torch.dtype) -> None:
+    for seed in range(3):
+        probs = nucleus_probs(rows, vocab, seed, dtype)
+        expected, expected_state = multinomial_and_state(probs, lambda p: torch.multinomial(p, 1)[:, 0])
+        got, state = multinomial_and_state(probs, replayed_multinomial)
+        assert torch.equal(got, expected)
+        assert torch.equal(state, expected_state)  # every later draw is unchanged too
+
+
+def test_replay_matches_over_many_consecutive_draws() -> None:
+    """Sampling the same distribution 300 times: the stream crosses many MT19937 blocks (624 words)."""
+    probs = nucleus_probs(4, 300, seed=5)
+    torch.manual_seed(7)
+    expected = torch.stack([torch.multinomial(probs, 1)[:, 0] for _ in range(300)])
+    torch.manual_seed(7)
+    got = torch.stack([replayed_multinomial(probs) for _ in range(300)])
+    assert torch.equal(got, expected)
+
+
+def test_replay_leaves_torch_errors_to_torch() -> None:
+    for bad in (torch.tensor([[0.5, float("nan")]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[-0.1, 1.1]])):
+        state = torch.get_rng_state()
+        with pytest.raises(RuntimeError) as expected:
+            torch.multinomial(bad, 1)
+        with pytest.raises(RuntimeError) as got:
+            replayed_multinomial(bad)
+        assert str(got.value) == str(expected.value)
+        assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
+
+
+def test_a_zero_uniform_draw_anywhere_is_detected() -> None:
+    words = np.full(20, 7, dtype=np.uint64)  # 10 draws of two words each
+    assert not _zero_draw_anywhere(words)
+    words[[14, 15]] = (np.uint64(1) << np.uint64(21), 0)  # bits above u's 53 set: u is still 0
+    assert _zero_draw_anywhere(words)
+
+
+def test_processor_leaves_only_the_drawn_token() -> None:
+    scores = torch.log(nucleus_probs(5, 400, seed=2))
+    torch.manual_seed(3)
+    expected = torch.multinomial(scores.softmax(-1), 1)[:, 0]
+    torch.manual_seed(3)
+    out = ReplayedMultinomial()(None, scores)
+    assert torch.equal(out.argmax(-1), expected)
+    assert torch.isfinite(out).sum(-1).tolist() == [1] * 5
