@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +103,8 @@ class WorkerKeeper:
 
     The worker runs in its own session, so the terminal's Ctrl+C reaches only `serve`, which stops it."""
 
-    def __init__(self, command: list[str], *, pause_s: float = 1.0) -> None:
-        self.command, self.pause_s = command, pause_s
+    def __init__(self, command: list[str], *, pause_s: float = 1.0, nice: int = 0) -> None:
+        self.command, self.pause_s, self.nice = command, pause_s, nice
         self.process = self._start()
         self.restarts = 0
         self._stopping = threading.Event()
@@ -112,7 +112,11 @@ class WorkerKeeper:
         self._thread.start()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command, env=os.environ.copy(), start_new_session=True)
+        process = subprocess.Popen(self.command, env=os.environ.copy(), start_new_session=True)
+        if self.nice:  # before it starts threads (it is still importing): they inherit the niceness
+            with suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+        return process
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.pause_s):
@@ -194,7 +198,7 @@ def serve(argv: Sequence[str]) -> int:
             if created:
                 print(f"eigenshift: generated admin API key (kept in {settings.api_key_path}):\n  {key}", flush=True)
         if not args.no_worker:
-            keeper = WorkerKeeper(worker_command(settings.queue))
+            keeper = WorkerKeeper(worker_command(settings.queue), nice=settings.worker_nice)
             webhook_keeper = WorkerKeeper(webhook_worker_command(settings.webhook_queue))
         from app.main import create_app
 

@@ -142,14 +142,15 @@ class Intervention:
             {**self.info, "alpha": alphas.tolist()},
         )
 
-    def check_model(self, model: nn.Module) -> None:
-        """Refuse a model whose lm_head differs (shape or bytes) from the one this was built on."""
+    def check_model(self, model: nn.Module, head_sha256: str | None = None) -> None:
+        """Refuse a model whose lm_head differs (shape or bytes) from the one this was built on.
+        head_sha256: the model's `lm_head_sha256`, when the caller keeps it (hashing the head takes a while)."""
         weight = lm_head_weight(model)  # type: ignore[arg-type]
         shape = list(self.info.get("lm_head_shape", []))
         if shape and list(weight.shape) != shape:
             raise InputError(f"intervention was built for an lm_head of shape {shape}, this model has {list(weight.shape)}", field="intervention")
         expected = self.info.get("lm_head_sha256")
-        if expected and lm_head_sha256(model) != expected:  # type: ignore[arg-type]
+        if expected and (head_sha256 or lm_head_sha256(model)) != expected:  # type: ignore[arg-type]
             raise InputError(
                 f"intervention was built for another lm_head (model {self.info.get('model_id')!r}, sha256 {expected[:12]}…)",
                 field="intervention",

@@ -172,4 +172,5 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
 def lm_head_sha256(model: PreTrainedModel) -> str:
     """sha256 of W's bytes as float32, row-major: identifies the head an intervention was built for."""
     weight = lm_head_weight(model).to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+    # The bytes in place, as one flat buffer (no 100+ MB copy); hashlib lets go of the GIL while it hashes.
+    return hashlib.sha256(weight.numpy().reshape(-1).view("uint8").data).hexdigest()

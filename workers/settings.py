@@ -132,12 +132,15 @@ class Settings(BaseSettings):
                     "[\"profanity\", \"hf:s-nlp/roberta_toxicity_classifier\", {\"root\": \"/srv/scorers\"}]")
     default_intervention: Path | None = Field(None, description="intervention directory served before any job ran")
     torch_threads: int | None = Field(None, ge=1)
+    worker_nice: int = Field(10, ge=0, le=19, description="`eigenshift serve` runs its step worker at this niceness, "
+                             "so jobs on the same CPUs take what serving leaves (0: the same priority)")
 
     # Serving limits.
     batch_max_size: int = Field(32, ge=1, description="rows in the running batch of /generate (continuous batching)")
     batch_window_ms: float = Field(5.0, ge=0, description="how long the first request waits for company")
-    prefill_tokens_per_step: int = Field(256, ge=1, description="padded prompt tokens prefilled per decode step; a "
-                                                               "longer prompt is fed in chunks over several steps")
+    prefill_tokens_per_step: int = Field(256, ge=1, description="prompt tokens prefilled per decode step (packed: "
+                                                               "their total; padded: rows × the longest); a longer "
+                                                               "prompt is fed in chunks over several steps")
     batch_key_share: float = Field(0.5, gt=0, le=1, description="share of the batch one API key may hold while "
                                                                 "another key's rows wait")
     max_body_bytes: int = Field(2_000_000, ge=1024)

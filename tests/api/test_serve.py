@@ -140,3 +140,15 @@ def test_embedded_worker_is_restarted_when_it_dies() -> None:
     finally:
         keeper.stop(timeout_s=5)
     assert keeper.process.poll() is not None
+
+
+def test_embedded_worker_runs_at_a_lower_priority_than_serving() -> None:
+    from app.cli import WorkerKeeper
+    from workers.settings import Settings
+
+    assert Settings.model_fields["worker_nice"].default > 0  # jobs take what serving leaves by default
+    keeper = WorkerKeeper([sys.executable, "-c", "import time; time.sleep(30)"], nice=5)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, keeper.process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 5
+    finally:
+        keeper.stop(timeout_s=5)

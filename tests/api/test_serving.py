@@ -9,8 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from app.serving import Batcher, Decoder, GenerationRequest, Row, fair_pick
+from eigenshift_core.errors import InputError
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
 
@@ -139,3 +141,74 @@ def test_a_chunked_prompt_decodes_beside_the_batch_not_in_it(tiny_llama: LoadedM
     assert max(widths) < long.fed // 2  # the long prompt's cache (fed tokens) never joined theirs
     decoder.step()  # the step after its last token lets its block go
     assert decoder._long == []
+
+
+def test_whole_prompts_are_prefilled_packed_as_a_padded_batch_would_be(tiny_llama: LoadedModel) -> None:
+    """One packed sequence (a block-diagonal mask) gives each row what a left-padded batch gives it, and
+    computes the prompts' total length, not rows × the longest."""
+    prompts = ["hi", "the quick brown fox jumps", "abc", "a somewhat longer prompt than the rest of them"]
+    fed: list[int] = []
+    handle = tiny_llama.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: fed.append(kwargs["input_ids"].numel()), with_kwargs=True)
+    try:
+        blocks = {}
+        for packs in (True, False):
+            decoder = Decoder(tiny_llama)
+            assert decoder._packs  # tiny models use sdpa
+            decoder._packs = packs
+            rows = [decoder.add(GenerationRequest(p, 6, 0.0, 1.0, 0)) for p in prompts]
+            blocks[packs] = (decoder._feed_group(rows), [row.tokens[:1] for row in rows], rows)
+    finally:
+        handle.remove()
+    lengths = [len(p) for p in prompts]  # a byte tokenizer: one token per character
+    assert fed == [sum(lengths), len(prompts) * max(lengths)]
+    (packed, packed_first, _), (padded, padded_first, _) = blocks[True], blocks[False]
+    assert packed_first == padded_first
+    assert torch.equal(packed.mask, padded.mask)  # the same left-padded layout
+    for (k1, v1), (k2, v2) in zip(_layers(packed), _layers(padded), strict=True):
+        assert k1.shape == k2.shape
+        assert torch.allclose(k1, k2, atol=1e-5) and torch.allclose(v1, v2, atol=1e-5)
+        assert not k1.transpose(1, 2)[packed.mask == 0].any()  # (rows, width, heads, hd): padding holds zeros
+
+
+def _layers(block) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[no-untyped-def]
+    return [(layer.keys, layer.values) for layer in block.cache.layers]
+
+
+def test_a_packed_row_decodes_as_it_would_alone(tiny_llama: LoadedModel) -> None:
+    requests = [GenerationRequest(p, 8, 0.0, 1.0, 0) for p in ("hello", "x", "zz top is a band", "fox")]
+    alone = [_run(tiny_llama, [request], join_per_step=1, prefill_tokens=256)[0].tokens for request in requests]
+    together = _run(tiny_llama, requests, join_per_step=4, prefill_tokens=256)
+    assert [row.tokens for row in together] == alone
+
+
+def test_the_served_head_is_hashed_once_however_many_interventions_load_at_once(
+        tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import app.serving as serving
+    from eigenshift_core.intervention import build_intervention
+    from eigenshift_core.loading import lm_head_sha256
+    from eigenshift_core.states import StateSet
+
+    d = tiny_llama.model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    states = StateSet(torch.randn(40, d, generator=g) + 1, torch.zeros(40, dtype=torch.long),
+                      torch.randn(80, d, generator=g), torch.zeros(80, dtype=torch.long), {})
+    built = build_intervention(tiny_llama.model, states, k=2, alpha=0.5)
+    hashes: list[str] = []
+    monkeypatch.setattr(serving, "lm_head_sha256", lambda model: hashes.append("x") or lm_head_sha256(model))
+    resolved: list[str] = []
+    server = serving.ModelServer(tiny_llama, lambda i: resolved.append(i) or built, max_size=1, window_s=0)
+    threads = [threading.Thread(target=server.intervention, args=(name,)) for name in ("a", "a", "a", "b", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(resolved) == ["a", "b"] and len(hashes) == 1  # each loaded once, the head hashed once
+    assert server.intervention("a") is built
+    wrong = built.with_alphas(0.5)
+    wrong.info["lm_head_sha256"] = "0" * 64
+    other = serving.ModelServer(tiny_llama, lambda _: wrong, max_size=1, window_s=0)
+    with pytest.raises(InputError, match="another lm_head"):
+        other.intervention("c")  # the kept hash still refuses another head's intervention
