@@ -287,7 +287,7 @@ class Decoder:
                  cache: DynamicCache | None, last: torch.Tensor | None = None) -> DynamicCache:
         """One forward pass; each row takes the token chosen from its last logits. The updated cache.
         last: for one packed sequence (1, T) of all rows' prompts, each row's last position (rows,)."""
-        with contextlib.ExitStack() as hooks:
+        with ExitStack() as hooks:
             if last is not None:  # lm_head sees (1, rows, d): give it (rows, 1, d), as the row masks expect
                 hooks.enter_context(_rows_first(output_layer(self.lm.model)))
             hooks.enter_context(_interventions(self.lm.model, rows))
@@ -306,8 +306,8 @@ class Decoder:
         return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
 
     def _prefill(self) -> tuple[list[_Block], list[_Block]]:
-        """Feed prompts within the step's budget: whole prompts first, in arrival order, as one left-padded
-        batch (their requests wait on them and they are cheap), then the long prompt part-way through its
+        """Feed prompts within the step's budget: whole prompts first, in arrival order, in one forward pass
+        (`_feed_group`; their requests wait on them and they are cheap), then the long prompt part-way through its
         chunks, which keeps 1/LONG_CHUNK_DIVISOR of the budget and gets no more while other rows decode: it
         progresses every step without holding back the prompts behind it or slowing the running rows more
         than about twofold. The blocks whose prompts are done (first token chosen): (whole prompts, the
@@ -357,8 +357,12 @@ class Decoder:
 
     def _feed_group(self, group: list[Row]) -> _Block:
         """Whole prompts in one forward pass; their block, its cache left-padded to the longest prompt."""
-        if not self._packs:
-            return self._feed_padded(group)
+        block = self._feed_packed(group) if self._packs else self._feed_padded(group)
+        for row in group:
+            row.fed, row.prompt = len(row.prompt), []
+        return block
+
+    def _feed_packed(self, group: list[Row]) -> _Block:
         # One sequence (1, T) of all the prompts, each attending only to its own tokens (a block-diagonal
         # causal mask) at its own positions: T = the prompts' total length, where a padded batch computes
         # rows × the longest (1.6–1.8× more for 8–32 RealToxicityPrompts prompts).
@@ -377,8 +381,6 @@ class Decoder:
         index = torch.where(offsets >= 0, starts[:, None] + offsets, total).reshape(-1).to(self._device)
         layers = [(_unpack(k, index, len(group)), _unpack(v, index, len(group))) for k, v in _tensors(packed)]
         mask = (offsets >= 0).long().to(self._device)  # (rows, width)
-        for row in group:
-            row.fed, row.prompt = len(row.prompt), []
         return _Block(group, DynamicCache(layers), mask)
 
     def _feed_padded(self, group: list[Row]) -> _Block:
@@ -389,8 +391,6 @@ class Decoder:
         mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in group], device=self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._forward(group, input_ids, mask, positions, None)
-        for row in group:
-            row.fed, row.prompt = len(row.prompt), []
         return _Block(group, cache, mask)
 
     def _decode(self, batch: _Block) -> list[Row]:

@@ -123,9 +123,9 @@ def _replay(probs: torch.Tensor) -> torch.Tensor | None:
     values = p.reshape(-1)[flat]  # (n,)
     if np.bincount(row, minlength=rows).min() == 0 or not (np.isfinite(values).all() and (values > 0).all()):
         return None
-    mantissa = (words[2 * flat] & _MANTISSA_HIGH_BITS) << np.uint64(32) | words[2 * flat + 1]  # (n,) u's 53 bits
     if _zero_draw_anywhere(words):
         return None
+    mantissa = (words[2 * flat] & _MANTISSA_HIGH_BITS) << np.uint64(32) | words[2 * flat + 1]  # (n,) u's 53 bits
     uniform = mantissa.astype(np.float64) * 2.0**-53
     ratio = values / (-np.log1p(-uniform)).astype(p.dtype)  # (n,) p / q, divided in p's dtype as torch does
     starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])  # (rows,) each row's first nucleus position

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.serving import Batcher, Decoder, GenerationRequest, Row, fair_pick
+from app.serving import Batcher, Decoder, GenerationRequest, Row, _Block, fair_pick
 from eigenshift_core.errors import InputError
 from eigenshift_core.intervention import Intervention
 from eigenshift_core.loading import LoadedModel
@@ -171,7 +171,8 @@ def test_whole_prompts_are_prefilled_packed_as_a_padded_batch_would_be(tiny_llam
         assert not k1.transpose(1, 2)[packed.mask == 0].any()  # (rows, width, heads, hd): padding holds zeros
 
 
-def _layers(block) -> list[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[no-untyped-def]
+def _layers(block: _Block) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    assert block.cache is not None
     return [(layer.keys, layer.values) for layer in block.cache.layers]
 
 
