@@ -12,7 +12,6 @@ from eigenshift_core.sampling import (
     ReplayedMultinomial,
     SortFreeTopP,
     _torch_draws_as_replayed,
-    _zero_draw_anywhere,
     replayed_multinomial,
 )
 
@@ -110,11 +109,39 @@ def test_replay_leaves_torch_errors_to_torch() -> None:
         assert torch.equal(torch.get_rng_state(), state)  # nothing drawn
 
 
-def test_a_zero_uniform_draw_anywhere_is_detected() -> None:
-    words = np.full(20, 7, dtype=np.uint64)  # 10 draws of two words each
-    assert not _zero_draw_anywhere(words)
-    words[[14, 15]] = (np.uint64(1) << np.uint64(21), 0)  # bits above u's 53 set: u is still 0
-    assert _zero_draw_anywhere(words)
+def state_with_a_zero_draw(entry: int) -> torch.Tensor:
+    """The default generator's state such that the `entry`-th next double draw is u = 0 (both its words 0:
+    tempering maps 0 to 0). torch's state: 624 MT words as u64 from byte 24, `next` (u64) at byte 16."""
+    torch.manual_seed(11)
+    torch.rand(3)  # leave the block's start, so `next` points into the words
+    state = torch.get_rng_state().numpy().copy()
+    position = int(state[16:24].view(np.uint64)[0]) + 2 * entry
+    state[24:24 + 624 * 8].view(np.uint64)[position : position + 2] = 0
+    return torch.from_numpy(state)
+
+
+@pytest.mark.parametrize("entry", [0, 3])  # outside the nucleus (p = 0: torch's 0/0 = nan wins), inside it
+def test_a_zero_uniform_draw_gives_torchs_token_and_state(entry: int) -> None:
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]])
+    zero_draw = state_with_a_zero_draw(entry)
+    torch.set_rng_state(zero_draw)
+    expected, expected_after = torch.multinomial(probs, 1)[:, 0], torch.get_rng_state()
+    assert expected.tolist() == [entry]  # q = 0 there: torch picks it (nan or inf)
+    torch.set_rng_state(zero_draw)
+    got = replayed_multinomial(probs, torch.empty(64, dtype=torch.float64))
+    assert torch.equal(got, expected)
+    assert torch.equal(torch.get_rng_state(), expected_after)
+
+
+def test_replay_with_a_reused_buffer_equals_torch() -> None:
+    probs = nucleus_probs(6, 500, seed=4)
+    buffer = torch.empty(6 * 500 + 17, dtype=torch.float64)  # larger than needed: only its head is drawn into
+    torch.manual_seed(2)
+    expected = [torch.multinomial(probs, 1)[:, 0] for _ in range(5)]
+    expected_after = torch.get_rng_state()
+    torch.manual_seed(2)
+    assert all(torch.equal(replayed_multinomial(probs, buffer), e) for e in expected)
+    assert torch.equal(torch.get_rng_state(), expected_after)
 
 
 def test_processor_leaves_only_the_drawn_token() -> None:
