@@ -11,7 +11,7 @@ sampled (top_p 0.95, T 1.0), on `embedded`, batch 32 (the steps' default). Both 
   draw for every vocabulary entry of every row at every step).
 ratio = naive seconds / our seconds. (The arm names keep their first meaning: per_row is the naive way.)
 The prompts run in chunks, the two arms alternating which goes first, so drifting machine load hits both
-alike. The tokens must agree exactly and the states within 1e-5 (same seed, float32 on CPU).
+alike. The tokens must agree exactly and the states within 1e-5 of their scale (same seed, float32 on CPU).
 
 --quick: 8 prompts × 4 samples × 6 tokens, batch 16.
 """
@@ -27,6 +27,9 @@ from eigenshift_core.prompts import load_prompts
 
 NAME = "evaluation"
 TARGET = ">=2"
+# The states agree within 1e-5 of their largest magnitude: the shared prefill multiplies the distinct prompts'
+# rows where the naive one multiplies every sample's, and with more than one thread MKL splits matmuls of
+# different shapes differently, so float32 sums round in another order (0.0 at one thread).
 STATE_TOLERANCE = 1e-5
 FULL = {"prompts": 128, "samples": 10, "max_new_tokens": 20, "batch_size": 32, "chunk_prompts": 32}
 QUICK = {"prompts": 8, "samples": 4, "max_new_tokens": 6, "batch_size": 16, "chunk_prompts": 8}
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
                                fast_sampling=shared, **SAMPLING)
 
     seconds = {"per_row": 0.0, "shared": 0.0}
-    agreement = {"rows": 0, "identical_rows": 0, "max_abs_state_diff": 0.0}
+    agreement = {"rows": 0, "identical_rows": 0, "max_abs_state_diff": 0.0, "max_abs_state": 0.0}
     tokens = {"generated": 0, "prompt": 0}
     step = size["chunk_prompts"]
     for number, start in enumerate(range(0, len(prompts), step)):
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens["prompt"] += size["samples"] * sum(len(lm.tokenizer(p)["input_ids"]) for p in chunk)
 
     tokens_agree = agreement["identical_rows"] == agreement["rows"]
-    states_agree = tokens_agree and agreement["max_abs_state_diff"] <= STATE_TOLERANCE
+    states_agree = tokens_agree and agreement["max_abs_state_diff"] <= STATE_TOLERANCE * agreement["max_abs_state"]
     return emit(
         NAME,
         ratio=seconds["per_row"] / seconds["shared"],
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             "quick": args.quick, "model": "embedded", **size, **SAMPLING, "threads": args.threads,
             "ratio": "naive seconds (per-row prefill, argsort top-p, torch.multinomial) / ours (shared prefill, sort-free top-p, replayed draws)",
             "tokens": "generated = tokens before the stop token; with_prompt adds every row's prompt tokens",
-            "state_tolerance": STATE_TOLERANCE,
+            "state_tolerance": f"max_abs_state_diff <= {STATE_TOLERANCE:g} * max_abs_state",
         },
     )
 
@@ -101,6 +104,7 @@ def compare(per_row: Continuations, shared: Continuations, into: dict[str, Any])
     into["rows"] += len(per_row)
     into["identical_rows"] += int(same.sum())
     into["max_abs_state_diff"] = max(into["max_abs_state_diff"], float((per_row.states - shared.states).abs().max()))
+    into["max_abs_state"] = max(into["max_abs_state"], float(per_row.states.abs().max()))
 
 
 if __name__ == "__main__":
