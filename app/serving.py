@@ -3,9 +3,11 @@
 `Decoder` holds the running batch. Each `step` prefills waiting rows (at most `prefill_tokens` prompt tokens
 per step, whole prompts first, packed into one sequence with a block-diagonal mask; a longer prompt is fed
 alone in chunks over several steps with an eighth of the budget while others decode, so it cannot hold the
-batch, and then decodes in a cache of its own, so the others' caches are never padded to its length), merges
-them into the batch's KV cache, runs one decode forward for every running row and lets the rows that ended
-go (their cache rows are dropped with `index_select` at the next merge). The cache is one
+batch, and then decodes in a cache of its own, so the others' caches are never padded to its length), decodes
+one token for every running row, merges the new rows into the batch's KV cache and lets the rows that ended
+go (their cache rows are dropped with `index_select` at the next merge). On Llama models the decode tokens,
+the new prompts and the chunk are one packed forward pass (the weights read once per step), attention
+alone running per part (`_split_attention_forward`). The cache is one
 `DynamicCache` of shape (rows, kv_heads, T, head_dim) per layer with a (rows, T) attention mask: rows of
 different lengths are left-padded with masked zeros, and each row has its own position ids, so what a row
 computes does not depend on its neighbours. Every row has its own seed (its own generator, one draw per
@@ -31,9 +33,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from app.sampling import sample_next_tokens
 from eigenshift_core.generation import stop_token_ids
@@ -128,12 +133,14 @@ def _tensors(cache: DynamicCache | None) -> KV:
     return layers
 
 
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    if width == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = width
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def _fill(cache: DynamicCache, layers: KV) -> DynamicCache:
+    """`cache` holding these keys and values as they are (`DynamicCache(layers)` would copy each into place)."""
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _unpack(packed: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
@@ -154,6 +161,92 @@ def _rows_first(head: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+# One forward pass for a decode step and a prefill together (`Decoder._decode_and_feed`): the running rows'
+# next tokens and the new prompts go in as one packed sequence (1, rows + T), so the weights are read once per
+# step, not twice; only attention keeps them apart.
+
+SPLIT_ATTENTION = "eigenshift_split"
+SPLIT_MODEL_TYPES = ("llama",)  # attention layers that route through AttentionInterface with cache.update
+
+
+@dataclass(eq=False)
+class _SplitStep:
+    """A packed sequence's layout: one decode token per batch row (`rows`), then the prompts (T), then maybe a
+    chunk of the long prompt. Masks are bool, True where attended: decode_mask (rows, 1, 1, W + 1),
+    prompt_mask (1, 1, T, T), chunk_mask (1, 1, chunk, fed + chunk) or None."""
+
+    rows: int
+    decode_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    chunk_mask: torch.Tensor | None
+    cache: _SplitCache
+
+
+class _SplitCache(DynamicCache):
+    """The running rows' cache (rows, kv, W, hd per layer): a packed step's first `rows` keys and values
+    append to it as (rows, kv, 1, hd); the next `prompts` are kept apart in `prompts` (1, kv, T, hd); the rest,
+    a chunk of the long prompt, append to its own cache `chunk` (1, kv, fed, hd)."""
+
+    def __init__(self, layers: KV, rows: int, prompts: int, chunk: DynamicCache | None) -> None:
+        super().__init__()
+        _fill(self, layers)
+        self.rows, self.prompt_tokens = rows, prompts
+        self.chunk = chunk if chunk is not None else DynamicCache()
+        self.decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer (rows, kv, W + 1, hd)
+        self.prompts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer (1, kv, T, hd)
+        self.chunked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per layer (1, kv, fed + chunk, hd)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, end = self.rows, self.rows + self.prompt_tokens  # key_states (1, kv, rows + T + chunk, hd)
+        self.decoded[layer_idx] = super().update(key_states[0, :, :rows].transpose(0, 1).unsqueeze(2),
+                                                 value_states[0, :, :rows].transpose(0, 1).unsqueeze(2), layer_idx)
+        self.prompts[layer_idx] = (key_states[:, :, rows:end], value_states[:, :, rows:end])
+        if key_states.shape[2] > end:
+            self.chunked[layer_idx] = self.chunk.update(key_states[:, :, end:], value_states[:, :, end:], layer_idx)
+        return key_states, value_states
+
+
+def _split_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, *, eigenshift_split: _SplitStep | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """sdpa per part: each running row's token over its own cache, the prompts over themselves, the chunk over
+    the long prompt's cache. query (1, heads, rows + T + chunk, hd) -> (1, rows + T + chunk, heads, hd), as
+    transformers' attention functions return."""
+    if eigenshift_split is None:  # any other forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    step, layer = eigenshift_split, int(module.layer_idx)  # type: ignore[arg-type]
+    rows, end = step.rows, step.rows + step.cache.prompt_tokens
+    cached_k, cached_v = step.cache.decoded[layer]
+    decoded, _ = sdpa_attention_forward(module, query[0, :, :rows].transpose(0, 1).unsqueeze(2), cached_k,
+                                        cached_v, step.decode_mask, **kwargs)  # (rows, 1, heads, hd)
+    parts = [decoded.transpose(0, 1)]
+    if end > rows:
+        prompts_k, prompts_v = step.cache.prompts[layer]
+        parts.append(sdpa_attention_forward(module, query[:, :, rows:end], prompts_k, prompts_v, step.prompt_mask,
+                                            **kwargs)[0])
+    if step.chunk_mask is not None:
+        chunk_k, chunk_v = step.cache.chunked[layer]
+        parts.append(sdpa_attention_forward(module, query[:, :, end:], chunk_k, chunk_v, step.chunk_mask,
+                                            **kwargs)[0])
+    return torch.cat(parts, dim=1), None
+
+
+AttentionInterface.register(SPLIT_ATTENTION, _split_attention_forward)
+
+
+@contextlib.contextmanager
+def _split_attention(model: torch.nn.Module) -> Iterator[None]:
+    """While inside: the model's attention layers call `_split_attention_forward` (one forward pass)."""
+    config: Any = model.config
+    before = config._attn_implementation
+    config._attn_implementation = SPLIT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def _merge(blocks: Sequence[_Block], compact: bool) -> _Block | None:
     """One block of the rows of `blocks`, in order: ended rows dropped (when `compact`), columns that are
     padding in every row trimmed, the rest left-padded to a common length. None when no row is live."""
@@ -161,28 +254,42 @@ def _merge(blocks: Sequence[_Block], compact: bool) -> _Block | None:
         return None
     if len(blocks) == 1 and (not compact or not any(r.ended for r in blocks[0].rows)) and bool(blocks[0].mask[:, 0].any()):
         return blocks[0]  # nothing joined, left or to trim
-    parts: list[tuple[list[Row], KV, torch.Tensor]] = []
+    parts: list[tuple[list[Row], KV, torch.Tensor, torch.Tensor | None]] = []  # rows, layers, mask, rows to keep
     for block in blocks:
         keep = [i for i, row in enumerate(block.rows) if not (compact and row.ended)]
         if not keep:
             continue
         layers, mask = _tensors(block.cache), block.mask
-        if len(keep) < len(block.rows):
-            index = torch.tensor(keep, device=mask.device)
-            layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+        index = torch.tensor(keep, device=mask.device) if len(keep) < len(block.rows) else None
+        if index is not None:
             mask = mask.index_select(0, index)
         first = int(mask.any(0).int().argmax())  # the first column some row uses
-        if first:
-            layers, mask = [(k[:, :, first:], v[:, :, first:]) for k, v in layers], mask[:, first:]
-        parts.append(([block.rows[i] for i in keep], layers, mask))
+        parts.append(([block.rows[i] for i in keep], [(k[:, :, first:], v[:, :, first:]) for k, v in layers],
+                      mask[:, first:], index))
     if not parts:
         return None
-    width = max(mask.shape[1] for _, _, mask in parts)
-    merged = [(torch.cat([_left_pad(p[1][i][0], width - p[2].shape[1], 2) for p in parts]),
-               torch.cat([_left_pad(p[1][i][1], width - p[2].shape[1], 2) for p in parts]))
-              for i in range(len(parts[0][1]))]
-    mask = torch.cat([_left_pad(p[2], width - p[2].shape[1], 1) for p in parts])
-    return _Block([row for p in parts for row in p[0]], DynamicCache(merged), mask)
+    width = max(mask.shape[1] for _, _, mask, _ in parts)
+    total = sum(len(rows) for rows, _, _, _ in parts)
+    merged: KV = []
+    for layer in range(len(parts[0][1])):
+        sample = parts[0][1][layer][0]  # (rows, heads, T, head_dim)
+        keys = sample.new_zeros(total, sample.shape[1], width, sample.shape[3])
+        values = torch.zeros_like(keys)
+        start = 0
+        for rows, layers, mask, index in parts:  # each part copied once, into its rows and right-aligned columns
+            k, v = layers[layer]
+            if index is not None:
+                k, v = k.index_select(0, index), v.index_select(0, index)
+            keys[start : start + len(rows), :, width - mask.shape[1] :] = k
+            values[start : start + len(rows), :, width - mask.shape[1] :] = v
+            start += len(rows)
+        merged.append((keys, values))
+    mask = parts[0][2].new_zeros(total, width)
+    start = 0
+    for rows, _, part_mask, _ in parts:
+        mask[start : start + len(rows), width - part_mask.shape[1] :] = part_mask
+        start += len(rows)
+    return _Block([row for p in parts for row in p[0]], _fill(DynamicCache(), merged), mask)
 
 
 @contextlib.contextmanager
@@ -197,6 +304,42 @@ def _interventions(model: torch.nn.Module, rows: Sequence[Row]) -> Iterator[None
         for intervention, mask in groups.values():
             hooks.enter_context(intervention.applied(model, rows=mask))
         yield
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """Whole prompts packed into one sequence (1, T): lengths (rows,), starts (rows,) each prompt's first
+    position, positions (T,) each token's within its prompt, mask (T, T) block-diagonal causal,
+    last (rows,) each prompt's last position."""
+
+    lengths: torch.Tensor
+    starts: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    last: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return int(self.lengths.sum())
+
+    @staticmethod
+    def of(group: Sequence[Row]) -> _Packing:
+        lengths = torch.tensor([len(row.prompt) for row in group], dtype=torch.long)
+        total = int(lengths.sum())
+        segment = torch.repeat_interleave(torch.arange(len(group)), lengths)  # (T,) each token's row
+        starts = lengths.cumsum(0) - lengths
+        mask = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+        return _Packing(lengths, starts, torch.arange(total) - starts[segment], mask, starts + lengths - 1)
+
+    def block(self, group: list[Row], packed: KV, device: torch.device) -> _Block:
+        """The prompts' block from the packed keys and values (1, kv, T, hd per layer): each row's left-padded
+        with zeros to the longest, by one gather (index (rows, width) into the packed positions, padding
+        pointing at an appended zero column)."""
+        total, width = int(self.lengths.sum()), int(self.lengths.max())
+        offsets = torch.arange(width) - (width - self.lengths)[:, None]  # (rows, width): < 0 on the padding
+        index = torch.where(offsets >= 0, self.starts[:, None] + offsets, total).reshape(-1).to(device)
+        layers = [(_unpack(k, index, len(group)), _unpack(v, index, len(group))) for k, v in packed]
+        return _Block(group, _fill(DynamicCache(), layers), (offsets >= 0).long().to(device))
 
 
 class Decoder:
@@ -216,6 +359,8 @@ class Decoder:
         self._cache_arg = _cache_argument(lm.model)
         # Whole prompts go in packed (one sequence, a block-diagonal mask) where attention takes a 4D mask.
         self._packs = getattr(lm.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        # A step's decode and prefill share one forward pass where the attention layers are Llama's (tested).
+        self._splits = self._packs and getattr(lm.model.config, "model_type", None) in SPLIT_MODEL_TYPES
         self._device = lm.model.device
         self._waiting: deque[Row] = deque()
         self._partial: _Block | None = None  # one long prompt part-way through its prefill, alone
@@ -274,27 +419,47 @@ class Decoder:
         """One scheduling step; the rows that ended in it, in no particular order."""
         ended = [row for row in self._waiting if row.ended]  # a budget of 0
         self._waiting = deque(row for row in self._waiting if not row.ended)
-        fed, chunked = self._prefill()
-        ended += [row for block in (*fed, *chunked) for row in block.rows if row.ended]
-        self._batch = _merge([block for block in (self._batch, *fed) if block is not None], self.compact)
+        group, chunk = self._prefill()
+        batch = self._batch
+        live = [row for row in batch.rows if not row.ended] if batch is not None else []
+        if batch is not None and live and self._splits and (group or chunk):  # all in one forward pass
+            fed = self._decode_and_feed(batch, group, chunk)
+            ended += [row for row in (*live, *group) if row.ended]
+            self._batch = _merge([batch, *fed], self.compact)
+        else:
+            if chunk:
+                self._feed_partial(chunk)
+            fed = [self._feed_group(group)] if group else []
+            ended += [row for row in group if row.ended]
+            self._batch = _merge([block for block in (batch, *fed) if block is not None], self.compact)
+            if self._batch is not None:
+                ended += self._decode(self._batch)
+        chunked = self._chunk_done()
+        ended += [row for block in chunked for row in block.rows if row.ended]
         self._long = [merged for block in (*self._long, *chunked)
                       if (merged := _merge([block], self.compact)) is not None]
-        for block in self._running():
+        for block in self._long:
             ended += self._decode(block)
         return ended
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache | None, last: torch.Tensor | None = None) -> DynamicCache:
+                 cache: DynamicCache | None, last: torch.Tensor | None = None,
+                 split: _SplitStep | None = None) -> DynamicCache:
         """One forward pass; each row takes the token chosen from its last logits. The updated cache.
-        last: for one packed sequence (1, T) of all rows' prompts, each row's last position (rows,)."""
+        last: for one packed sequence (1, T), each row's last position (rows,). split: its layout when it
+        packs decode tokens and prompts (`_decode_and_feed`)."""
         with ExitStack() as hooks:
             if last is not None:  # lm_head sees (1, rows, d): give it (rows, 1, d), as the row masks expect
                 hooks.enter_context(_rows_first(output_layer(self.lm.model)))
             hooks.enter_context(_interventions(self.lm.model, rows))
+            extra = {}
+            if split is not None:
+                hooks.enter_context(_split_attention(self.lm.model))
+                extra["eigenshift_split"] = split
             out = self.lm.model(input_ids=input_ids.to(self._device), attention_mask=mask,
                                 position_ids=positions.to(self._device), use_cache=True,
                                 logits_to_keep=1 if last is None else last.to(self._device),
-                                **{self._cache_arg: cache})
+                                **{self._cache_arg: cache}, **extra)
         logits = out.logits[:, -1].to("cpu", torch.float32)  # (rows, vocab)
         sampled = sample_next_tokens(logits, [r.request.temperature for r in rows], [r.request.top_p for r in rows],
                                      [r.generator for r in rows])
@@ -305,13 +470,12 @@ class Decoder:
                 row.accept(token, logprob, self._stop)
         return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
 
-    def _prefill(self) -> tuple[list[_Block], list[_Block]]:
-        """Feed prompts within the step's budget: whole prompts first, in arrival order, in one forward pass
-        (`_feed_group`; their requests wait on them and they are cheap), then the long prompt part-way through its
-        chunks, which keeps 1/LONG_CHUNK_DIVISOR of the budget and gets no more while other rows decode: it
-        progresses every step without holding back the prompts behind it or slowing the running rows more
-        than about twofold. The blocks whose prompts are done (first token chosen): (whole prompts, the
-        long prompt once its last chunk is in, which decodes in a block of its own)."""
+    def _prefill(self) -> tuple[list[Row], int]:
+        """Choose prompts within the step's budget: whole prompts first, in arrival order, for one forward pass
+        (their requests wait on them and they are cheap), then the long prompt part-way through its chunks,
+        which keeps 1/LONG_CHUNK_DIVISOR of the budget and gets no more while other rows decode: it progresses
+        every step without holding back the prompts behind it or slowing the running rows more than about
+        twofold. (The whole prompts, the long prompt's tokens to feed this step; `step` feeds them.)"""
         budget = self.prefill_tokens if self.prefill_tokens is not None else math.inf
         reserve = math.ceil(budget / LONG_CHUNK_DIVISOR) if self.prefill_tokens is not None else math.inf
         room = budget - reserve if self._partial is not None else budget
@@ -322,15 +486,19 @@ class Decoder:
         if self._partial is None and not group and self._waiting and budget > 0:  # too long for one step: chunks
             row = self._waiting.popleft()
             self._partial = _Block([row], None, torch.ones(1, 0, dtype=torch.long, device=self._device))
-        chunked: list[_Block] = []
-        if self._partial is not None and budget > 0:
-            if self._running():  # a chunk then costs about what their decode step does (CPU, SmolLM2)
-                budget = min(budget, reserve)
-            self._feed_partial(int(min(budget, len(self._partial.rows[0].prompt))))
-            if not self._partial.rows[0].prompt:
-                chunked.append(self._partial)
-                self._partial = None
-        return ([self._feed_group(group)] if group else []), chunked
+        if self._partial is None or budget <= 0:
+            return group, 0
+        if self._running():  # a chunk then costs about what their decode step does (CPU, SmolLM2)
+            budget = min(budget, reserve)
+        return group, int(min(budget, len(self._partial.rows[0].prompt)))
+
+    def _chunk_done(self) -> list[_Block]:
+        """The long prompt's block once its last chunk is in (its first token chosen), which then decodes in a
+        block of its own; else nothing."""
+        if self._partial is None or self._partial.rows[0].prompt:
+            return []
+        done, self._partial = self._partial, None
+        return [done]
 
     def _group_tokens(self, group: Sequence[Row]) -> int:
         """Positions a forward pass over these whole prompts computes: packed, their sum; padded, rows × the longest."""
@@ -366,22 +534,56 @@ class Decoder:
         # One sequence (1, T) of all the prompts, each attending only to its own tokens (a block-diagonal
         # causal mask) at its own positions: T = the prompts' total length, where a padded batch computes
         # rows × the longest (1.6–1.8× more for 8–32 RealToxicityPrompts prompts).
-        lengths = torch.tensor([len(row.prompt) for row in group])  # (rows,)
-        total, width = int(lengths.sum()), int(lengths.max())
-        segment = torch.repeat_interleave(torch.arange(len(group)), lengths)  # (T,) each token's row
-        starts = lengths.cumsum(0) - lengths  # (rows,)
-        positions = torch.arange(total) - starts[segment]  # (T,)
-        attend = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+        packing = _Packing.of(group)
         input_ids = torch.tensor([[token for row in group for token in row.prompt]])
-        packed = self._forward(group, input_ids, attend[None, None].to(self._device), positions[None], None,
-                               last=starts + lengths - 1)
-        # Each row's keys and values, left-padded with zeros to `width`: gather index (rows, width) into the
-        # packed positions, padding pointing at an appended zero column.
-        offsets = torch.arange(width) - (width - lengths)[:, None]  # (rows, width): < 0 on the padding
-        index = torch.where(offsets >= 0, starts[:, None] + offsets, total).reshape(-1).to(self._device)
-        layers = [(_unpack(k, index, len(group)), _unpack(v, index, len(group))) for k, v in _tensors(packed)]
-        mask = (offsets >= 0).long().to(self._device)  # (rows, width)
-        return _Block(group, DynamicCache(layers), mask)
+        packed = self._forward(group, input_ids, packing.mask[None, None].to(self._device), packing.positions[None],
+                               None, last=packing.last)
+        return packing.block(group, _tensors(packed), self._device)
+
+    def _decode_and_feed(self, batch: _Block, group: list[Row], chunk: int) -> list[_Block]:
+        """The next token of every row of `batch`, the first of every prompt of `group` and the long prompt's
+        next `chunk` tokens (its first token after its last chunk) from one forward pass over one packed sequence
+        (1, rows + T + chunk), in that order: a step reads the weights once, where a pass each would read them up to
+        three times (on a CPU, 32 decoding rows and 60 prompt tokens take ~150 ms so, ~260 ms apart).
+        Attention keeps them apart (`_split_attention_forward`). Updates `batch` (riding rows, ended or not, as
+        `_decode` does) and the long prompt's block; the prompts' block, its cache left-padded, if any."""
+        rows, packing = batch.rows, _Packing.of(group)
+        pad = int(self.lm.tokenizer.pad_token_id)
+        tokens = [row.tokens[-1] if row.tokens else pad for row in rows] + [t for row in group for t in row.prompt]
+        mask = torch.cat([batch.mask, torch.ones(len(rows), 1, dtype=batch.mask.dtype, device=self._device)], dim=1)
+        positions = [torch.tensor([row.fed for row in rows]), packing.positions]
+        last = [torch.arange(len(rows)), len(rows) + packing.last]  # positions whose logits choose a token
+        chosen = [*rows, *group]
+        long = self._partial.rows[0] if chunk and self._partial is not None else None
+        chunk_mask = None
+        if long is not None:
+            tokens += long.prompt[:chunk]
+            positions.append(torch.arange(long.fed, long.fed + chunk))
+            # (1, 1, chunk, fed + chunk): each chunk token sees the long prompt's cache and the chunk before it
+            chunk_mask = torch.ones(chunk, long.fed + chunk, dtype=torch.bool).tril(long.fed)[None, None].to(self._device)
+            if len(long.prompt) == chunk:  # the last chunk: its last position chooses the row's first token
+                last.append(torch.tensor([len(tokens) - 1]))
+                chosen.append(long)
+        cache = _SplitCache(_tensors(batch.cache), len(rows), packing.total,
+                            self._partial.cache if long is not None and self._partial is not None else None)
+        step = _SplitStep(len(rows), mask.bool()[:, None, None, :], packing.mask[None, None].to(self._device),
+                          chunk_mask, cache)
+        self._forward(chosen, torch.tensor([tokens]), step.decode_mask, torch.cat(positions)[None], cache,
+                      last=torch.cat(last), split=step)
+        layers = range(len(cache.layers))
+        batch.cache, batch.mask = _fill(DynamicCache(), [cache.decoded[layer] for layer in layers]), mask
+        for row in rows:
+            row.fed += 1
+        if long is not None and self._partial is not None:
+            long.prompt = long.prompt[chunk:]
+            long.fed += chunk
+            self._partial = _Block([long], cache.chunk, torch.ones(1, long.fed, dtype=torch.long, device=self._device))
+        if not group:
+            return []
+        block = packing.block(group, [cache.prompts[layer] for layer in layers], self._device)
+        for row in group:
+            row.fed, row.prompt = len(row.prompt), []
+        return [block]
 
     def _feed_padded(self, group: list[Row]) -> _Block:
         """Whole prompts as one left-padded batch (padding masked, positions counted over real tokens)."""

@@ -213,3 +213,67 @@ def test_the_served_head_is_hashed_once_however_many_interventions_load_at_once(
     other = serving.ModelServer(tiny_llama, lambda _: wrong, max_size=1, window_s=0)
     with pytest.raises(InputError, match="another lm_head"):
         other.intervention("c")  # the kept hash still refuses another head's intervention
+
+
+def test_a_step_decodes_and_prefills_in_one_forward_pass(tiny_llama: LoadedModel) -> None:
+    """New prompts joining a running batch go through the same forward pass as its decode step (one weight
+    pass, attention kept apart), and every row gets what the two passes give it."""
+    first = [GenerationRequest(p, 9, 0.0, 1.0, 0) for p in ("hello", "x", "zz top is a band")]
+    joining = [GenerationRequest(p, 7, 0.8, 0.9, 3 + i) for i, p in enumerate(("fox", "a b c d e f", "q"))]
+    forwards: list[int] = []
+    handle = tiny_llama.model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: forwards.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    results = {}
+    try:
+        for splits in (True, False):
+            decoder = Decoder(tiny_llama, prefill_tokens=256)
+            assert decoder._splits  # llama with sdpa
+            decoder._splits = splits
+            rows = [decoder.add(request) for request in first]
+            decoder.step()  # prefill alone, then a decode
+            forwards.clear()
+            rows += [decoder.add(request) for request in joining]
+            decoder.step()
+            assert forwards == ([len(first) + sum(len(r.prompt) for r in joining)] if splits
+                                else [sum(len(r.prompt) for r in joining), 1])
+            while not decoder.idle:
+                decoder.step()
+            results[splits] = rows
+    finally:
+        handle.remove()
+    for together, apart in zip(results[True], results[False], strict=True):
+        assert together.tokens == apart.tokens and together.finish == apart.finish
+        assert together.logprobs == pytest.approx(apart.logprobs, abs=1e-5)
+    assert all(row.tokens for row in results[True])
+
+
+def test_a_long_prompts_chunks_ride_in_the_decode_forward_pass(tiny_llama: LoadedModel) -> None:
+    """While rows decode, each chunk of a long prompt goes through their forward pass (attending to its own
+    cache only), and the long row then decodes as with a pass of its own."""
+    results, passes = {}, {}
+    forwards: list[int] = []
+    handle = tiny_llama.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        for splits in (True, False):
+            decoder = Decoder(tiny_llama, prefill_tokens=16)  # chunks of 2 tokens beside running rows
+            decoder._splits = splits
+            rows = [decoder.add(GenerationRequest(p, 40, 0.0, 1.0, 0)) for p in ("hi", "yo")]
+            decoder.step()
+            rows.append(decoder.add(GenerationRequest("word " * 8, 6, 0.8, 0.9, 4)))  # 40 tokens: too long for a step
+            forwards.clear()
+            steps = 0
+            while rows[2].prompt:
+                decoder.step()
+                steps += 1
+            passes[splits] = (len(forwards), steps)
+            while not decoder.idle:
+                decoder.step()
+            results[splits] = rows
+    finally:
+        handle.remove()
+    steps = passes[True][1]  # one pass per step, two apart; + the long row's first decode, in a block of its own
+    assert passes == {True: (steps + 1, steps), False: (2 * steps + 1, steps)}
+    for together, apart in zip(results[True], results[False], strict=True):
+        assert together.tokens == apart.tokens and together.finish == apart.finish
+        assert together.logprobs == pytest.approx(apart.logprobs, abs=1e-5)
+    assert len(results[True][2].tokens) == 6
