@@ -161,9 +161,9 @@ def _rows_first(head: torch.nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-# One forward pass for a decode step and a prefill together (`Decoder._decode_and_feed`): the running rows'
-# next tokens and the new prompts go in as one packed sequence (1, rows + T), so the weights are read once per
-# step, not twice; only attention keeps them apart.
+# One forward pass per step (`Decoder._decode_and_feed`): the running rows' next tokens, the new prompts and
+# the long prompt's chunk go in as one packed sequence (1, rows + T + chunk), so the weights are read once per
+# step, not up to three times; only attention keeps them apart.
 
 SPLIT_ATTENTION = "eigenshift_split"
 SPLIT_MODEL_TYPES = ("llama",)  # attention layers that route through AttentionInterface with cache.update
@@ -335,7 +335,7 @@ class _Packing:
         """The prompts' block from the packed keys and values (1, kv, T, hd per layer): each row's left-padded
         with zeros to the longest, by one gather (index (rows, width) into the packed positions, padding
         pointing at an appended zero column)."""
-        total, width = int(self.lengths.sum()), int(self.lengths.max())
+        total, width = self.total, int(self.lengths.max())
         offsets = torch.arange(width) - (width - self.lengths)[:, None]  # (rows, width): < 0 on the padding
         index = torch.where(offsets >= 0, self.starts[:, None] + offsets, total).reshape(-1).to(device)
         layers = [(_unpack(k, index, len(group)), _unpack(v, index, len(group))) for k, v in packed]
