@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from app.sampling import sample_next_tokens
 from eigenshift_core.generation import stop_token_ids
@@ -233,6 +234,8 @@ def _split_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 
 AttentionInterface.register(SPLIT_ATTENTION, _split_attention_forward)
+# Any other forward pass of the model while a split one runs (another thread) gets sdpa's masks and attention.
+AttentionMaskInterface.register(SPLIT_ATTENTION, sdpa_mask)
 
 
 @contextlib.contextmanager

@@ -277,3 +277,18 @@ def test_a_long_prompts_chunks_ride_in_the_decode_forward_pass(tiny_llama: Loade
         assert together.tokens == apart.tokens and together.finish == apart.finish
         assert together.logprobs == pytest.approx(apart.logprobs, abs=1e-5)
     assert len(results[True][2].tokens) == 6
+
+
+def test_other_forward_passes_meanwhile_compute_what_sdpa_does(tiny_llama: LoadedModel) -> None:
+    """While a step's split attention is switched in, another user of the model (a padded batch, no split
+    layout) gets exactly sdpa's masks and attention."""
+    from app.serving import _split_attention
+
+    batch = tiny_llama.tokenizer(["hello there", "x"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = tiny_llama.model(**batch).logits
+        with _split_attention(tiny_llama.model):
+            assert tiny_llama.model.config._attn_implementation != "sdpa"
+            meanwhile = tiny_llama.model(**batch).logits
+    assert tiny_llama.model.config._attn_implementation == "sdpa"
+    assert torch.equal(meanwhile, expected)
