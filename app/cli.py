@@ -101,7 +101,10 @@ def webhook_worker_command(webhook_queue: str) -> list[str]:
 class WorkerKeeper:
     """Embedded mode: the one worker process, started again (after a short pause) whenever it dies.
 
-    The worker runs in its own session, so the terminal's Ctrl+C reaches only `serve`, which stops it."""
+    The worker runs in a process group of its own, so the terminal's Ctrl+C reaches only `serve`, which stops
+    it; it stays in serve's session, because Linux's autogroup scheduling shares the CPU out between sessions
+    first: in a session of its own, a niced worker took as much CPU as the whole API (its niceness counts only
+    against processes of its own session)."""
 
     def __init__(self, command: list[str], *, pause_s: float = 1.0, nice: int = 0) -> None:
         self.command, self.pause_s, self.nice = command, pause_s, nice
@@ -112,7 +115,7 @@ class WorkerKeeper:
         self._thread.start()
 
     def _start(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(self.command, env=os.environ.copy(), start_new_session=True)
+        process = subprocess.Popen(self.command, env=os.environ.copy(), process_group=0)
         if self.nice:  # before it starts threads (it is still importing): they inherit the niceness
             with suppress(ProcessLookupError):
                 os.setpriority(os.PRIO_PROCESS, process.pid, os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
