@@ -53,7 +53,8 @@ def _load_server(app: FastAPI, settings: Settings, service: JobService, metrics:
 
     return ModelServer(lm, resolve, max_size=settings.batch_max_size, window_s=settings.batch_window_ms / 1000,
                        on_batch=on_batch, max_waiting=settings.max_generate_queue,
-                       prefill_tokens=settings.prefill_tokens_per_step, key_share=settings.batch_key_share)
+                       prefill_tokens=settings.prefill_tokens_per_step, key_share=settings.batch_key_share,
+                       prompt_cache_bytes=settings.prompt_cache_mb * 2**20)
 
 
 @asynccontextmanager

