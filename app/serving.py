@@ -442,6 +442,10 @@ class Decoder:
         # Rows whose prompt needed chunks, each with its own cache: merged into `_batch`, one such row would
         # left-pad every other row's cache to its length and make every decode step attend over it.
         self._long: list[_Block] = []
+        # The rows waiting when the current step began: it takes some out of `_waiting` before they are in a
+        # block, and if it fails, `clear` must still hand them back, ended in it or not (none was reported yet,
+        # and their callers would wait forever).
+        self._joining: list[Row] = []
 
     @property
     def rows(self) -> int:
@@ -455,7 +459,7 @@ class Decoder:
 
     def live_rows(self) -> list[Row]:
         running = [row for block in self._running() for row in block.rows if not row.ended]
-        return [*self._waiting, *(self._partial.rows if self._partial else []), *running]
+        return list(dict.fromkeys([*self._joining, *self._waiting, *(self._partial.rows if self._partial else []), *running]))
 
     def _running(self) -> list[_Block]:
         return [*([self._batch] if self._batch is not None else []), *self._long]
@@ -485,7 +489,7 @@ class Decoder:
         rows = self.live_rows()
         self._waiting.clear()
         self._partial = self._batch = None
-        self._long = []
+        self._long, self._joining = [], []
         return rows
 
     @torch.inference_mode()
@@ -493,6 +497,7 @@ class Decoder:
         """One scheduling step; the rows that ended in it, in no particular order."""
         ended = [row for row in self._waiting if row.ended]  # a budget of 0
         self._waiting = deque(row for row in self._waiting if not row.ended)
+        self._joining = list(self._waiting)
         cached = self._from_cache()
         ended += [row for block in cached for row in block.rows if row.ended]
         group, chunk = self._prefill()
@@ -516,6 +521,7 @@ class Decoder:
                       if (merged := _merge([block], self.compact)) is not None]
         for block in self._long:
             ended += self._decode(block)
+        self._joining = []
         return ended
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

@@ -369,3 +369,28 @@ def test_the_prompt_cache_keeps_the_most_recently_used_prompts_within_its_bytes(
     assert PromptCache(max_bytes=0).get(None, [1]) is None
     cache.put("key-a", [7], layers(10), hidden)  # owners are kept apart: another key's prompt is not a hit
     assert cache.get("key-a", [7]) is not None and cache.get("key-b", [7]) is None and cache.get(None, [7]) is None
+
+
+@pytest.mark.parametrize("failing", ["prefill", "cached"])
+def test_a_failed_step_hands_back_the_rows_it_took_in(embedded: LoadedModel, monkeypatch: pytest.MonkeyPatch,
+                                                      failing: str) -> None:
+    """`Batcher` fails the callers of the rows `clear` returns after a failed step: a row the step had taken out
+    of the queue, for a prefill or from the prompt cache, must be among them, or its caller waits forever."""
+    decoder = Decoder(embedded, prefill_tokens=256, prompt_cache_bytes=2**20 * 16)
+    decoder.add(GenerationRequest("Hello there", 2, 0.0, 1.0, 0))
+    while not decoder.idle:
+        decoder.step()  # "Hello there" is now in the prompt cache
+    running = decoder.add(GenerationRequest("Once upon a time", 8, 0.0, 1.0, 0))
+    decoder.step()
+    joining = [decoder.add(GenerationRequest("Hello there", 2, 0.0, 1.0, 0)),
+               decoder.add(GenerationRequest("The weather today is", 2, 0.0, 1.0, 0))]
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(Decoder, "_decode_and_feed" if failing == "prefill" else "_choose", broken)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        decoder.step()
+    handed_back = decoder.clear()
+    assert all(any(row is r for r in handed_back) for row in [running, *joining])
+    assert len(handed_back) == 3 and decoder.idle
