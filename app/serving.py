@@ -459,7 +459,8 @@ class Decoder:
 
     def live_rows(self) -> list[Row]:
         running = [row for block in self._running() for row in block.rows if not row.ended]
-        return list(dict.fromkeys([*self._joining, *self._waiting, *(self._partial.rows if self._partial else []), *running]))
+        partial = self._partial.rows if self._partial else []
+        return list(dict.fromkeys([*self._joining, *self._waiting, *partial, *running]))  # in order, once each
 
     def _running(self) -> list[_Block]:
         return [*([self._batch] if self._batch is not None else []), *self._long]
@@ -591,8 +592,7 @@ class Decoder:
     def _remember(self, group: Sequence[Row], packing: _Packing, packed: KV, hidden: torch.Tensor) -> None:
         """Keep each prompt of `group` (still unfed) from one packed pass: its keys and values out of
         `packed` (1, kv, T, hd per layer), its lm_head input from `hidden` (rows, d) in group order."""
-        if self.prompt_cache is None:
-            return
+        assert self.prompt_cache is not None
         for i, row in enumerate(group):
             start, end = int(packing.starts[i]), int(packing.starts[i] + packing.lengths[i])
             self.prompt_cache.put(row.owner, row.prompt, [(k[:, :, start:end], v[:, :, start:end]) for k, v in packed], hidden[i])
@@ -665,7 +665,8 @@ class Decoder:
         input_ids = torch.tensor([[token for row in group for token in row.prompt]])
         hidden: list[torch.Tensor] = []
         packed = _tensors(self._forward(group, input_ids, packing.mask[None, None].to(self._device),
-                                        packing.positions[None], None, last=packing.last, hidden=hidden))
+                                        packing.positions[None], None, last=packing.last,
+                                        hidden=hidden if self.prompt_cache is not None else None))
         if self.prompt_cache is not None:
             self._remember(group, packing, packed, hidden[0])
         return packing.block(group, packed, self._device)
