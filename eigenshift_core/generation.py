@@ -12,16 +12,22 @@ Shared prefixes: the samples of one prompt share its prefill. Inside a batch, th
 (generate's prefill) runs once per distinct prompt, and its logits and KV cache are gathered back to every
 row before decoding starts; `model.generate` does all the rest (logits processors, sampling, stopping), so
 the random draws, the tokens and the states equal those of prefilling every row.
+
+On a CPU, batches run side by side, one per torch thread: hooks are registered once per run and keep
+per-thread state, and each batch's sampler draws from a generator of its own, seeded as torch's global one
+would be, so a batch's tokens never depend on which batches ran beside it.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -164,6 +170,7 @@ def generate_continuations(
     intervention: Intervention | None = None,
     share_prefill: bool = True,
     fast_sampling: bool = True,
+    workers: int | None = None,
     progress: bool = False,
     on_progress: Progress | None = None,
 ) -> Continuations:
@@ -173,12 +180,22 @@ def generate_continuations(
     so the same seed and batch_size give the same samples, with or without an intervention.
     share_prefill: prefill each distinct prompt of a batch once (same tokens and states as False, which
     prefills every row). fast_sampling: nucleus filtering by `SortFreeTopP` and draws by `ReplayedMultinomial`
-    (the same tokens as False, which uses transformers' warper with its argsort, and `torch.multinomial`). on_progress(rows done, total rows) is called after every batch.
+    (the same tokens as False, which uses transformers' warper with its argsort, and `torch.multinomial`).
+    workers: batches generated at once, each in a thread with torch's threads divided among them; by
+    default, on a CPU, one batch per torch thread (a batch of 32 rows uses one core better than two cores
+    share one batch's small matmuls), else 1. A batch's tokens depend on its own thread count only, never
+    on its neighbours. transformers' sampler (do_sample without fast_sampling) draws from torch's global
+    generator, so it runs one batch at a time.
+    on_progress(rows done, total rows) is called after every batch, in batch order, from the calling thread.
     The paper's protocol is samples=25, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=1.0.
     """
     _check_prompts(prompts)
     if samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise InputError("samples, max_new_tokens and batch_size must be at least 1", field="samples")
+    global_draws = do_sample and not fast_sampling
+    if workers is not None and (workers < 1 or (workers > 1 and global_draws)):
+        raise InputError("workers must be at least 1, and 1 with transformers' sampler (fast_sampling=False)",
+                         field="workers")
     tokenizer, model = lm.tokenizer, lm.model
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
@@ -190,43 +207,82 @@ def generate_continuations(
     states = torch.zeros(n, max_new_tokens, d)
     lengths = torch.zeros(n, dtype=torch.long)
     batches = _length_sorted_batches([len(encoded[p]) for p in row_prompt], batch_size)
-    sampling = sampling_arguments(do_sample, top_p, temperature, fast_sampling)
-    done = 0
-    for number, rows in enumerate(tqdm(batches, desc="generate", disable=not progress)):
+    if workers is None:
+        workers = 1 if global_draws or model.device.type != "cpu" else min(torch.get_num_threads(), len(batches))
+    running = _BatchInThread()
+
+    def one_batch(number: int, rows: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(rows, new token ids (b, steps), the states that chose them (b, steps, d)) of one batch."""
         padded = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
         batch = {key: value.to(model.device) for key, value in padded.items()}
         groups = _prompt_groups([row_prompt[r] for r in rows]) if share_prefill else None
-        torch.manual_seed(seed + number)
-        with ExitStack() as stack:
-            captured = stack.enter_context(captured_head_inputs(model))  # first: sees the unedited state
-            if intervention is not None:
-                stack.enter_context(intervention.applied(model))
-            if groups is not None:
-                stack.enter_context(shared_prefill(model, *groups))
+        running.captured, running.groups = [], groups
+        draws = torch.Generator().manual_seed(seed + number)  # the stream that torch.manual_seed(seed + number) starts
+        if global_draws:
+            torch.manual_seed(seed + number)
+        with torch.inference_mode():  # a mode of the calling thread: each worker sets its own
             output = model.generate(  # type: ignore[operator]  # transformers types generate oddly
-                **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, top_k=None,
-                pad_token_id=tokenizer.pad_token_id, **sampling,
+                **batch, max_new_tokens=max_new_tokens, min_new_tokens=1, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                **sampling_arguments(do_sample, top_p, temperature, fast_sampling, draws),
             )
+        if running.groups is not None:
+            raise RuntimeError("generate never ran the shared prefill")
         new = output[:, batch["input_ids"].shape[1] :].cpu()  # (b, steps)
+        captured = running.captured
         if groups is not None:
             captured[0] = captured[0][groups[1]]  # the prefill ran on the distinct prompts only: (u, d) -> (b, d)
-        steps = torch.stack(captured[: new.shape[1]], dim=1)  # (b, steps, d)
-        for j, row in enumerate(rows):
-            length = _length_before_stop(new[j].tolist(), stop)
-            token_ids[row, :length] = new[j, :length]
-            states[row, :length] = steps[j, :length]
-            lengths[row] = length
-        done += len(rows)
-        if on_progress is not None:
-            on_progress(done, n)
+        return rows, new, torch.stack(captured[: new.shape[1]], dim=1)
+
+    with ExitStack() as stack:
+        stack.enter_context(_capturing_head_inputs(model, running))  # first: sees the unedited state
+        if intervention is not None:
+            stack.enter_context(intervention.applied(model))
+        if share_prefill:
+            stack.enter_context(_sharing_prefills(model, running))
+        done = 0
+        results = _in_order(one_batch, list(enumerate(batches)), workers)
+        for rows, new, steps in tqdm(results, total=len(batches), desc="generate", disable=not progress):
+            for j, row in enumerate(rows):
+                length = _length_before_stop(new[j].tolist(), stop)
+                token_ids[row, :length] = new[j, :length]
+                states[row, :length] = steps[j, :length]
+                lengths[row] = length
+            done += len(rows)
+            if on_progress is not None:
+                on_progress(done, n)
     texts, spans = zip(*(token_spans(tokenizer, token_ids[r, : lengths[r]].tolist()) for r in range(n)), strict=True)
     return Continuations(list(prompts), torch.tensor(row_prompt), list(texts), token_ids, lengths, states, list(spans))
 
 
-def sampling_arguments(do_sample: bool, top_p: float, temperature: float, fast_sampling: bool) -> dict[str, Any]:
+T = TypeVar("T")
+
+
+def _in_order(run: Callable[..., T], arguments: list[tuple[Any, ...]], workers: int) -> Iterator[T]:
+    """run(*a) for each a, yielded in order; with workers > 1, that many at once in threads, each with
+    torch's threads divided among them. Once the consumer stops (an error, a cancel raised from progress),
+    no further call starts, the running ones finish, and torch's thread count is restored."""
+    if workers <= 1:
+        yield from (run(*a) for a in arguments)
+        return
+    threads = torch.get_num_threads()
+    # torch.set_num_threads in a worker sets that thread's own OpenMP and MKL counts, and the count later
+    # threads start with, which is why it is put back at the end.
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(max(1, threads // workers),))
+    try:
+        futures = [pool.submit(run, *a) for a in arguments]
+        for future in futures:
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def sampling_arguments(do_sample: bool, top_p: float, temperature: float, fast_sampling: bool,
+                       generator: torch.Generator | None = None) -> dict[str, Any]:
     """`model.generate` keywords for greedy or nucleus sampling. Fast: temperature, `SortFreeTopP` and
-    `ReplayedMultinomial` go in as custom processors, in the order generate would apply its own (temperature,
-    top-p, then its softmax and draw), and generate runs greedily: the replayed draw leaves one token finite."""
+    `ReplayedMultinomial` (drawing from `generator`, default: the default generator) go in as custom
+    processors, in the order generate would apply its own (temperature, top-p, then its softmax and draw),
+    and generate runs greedily: the replayed draw leaves one token finite."""
     if not do_sample:
         return {"do_sample": False, "top_p": None, "temperature": None}
     if not fast_sampling:
@@ -236,7 +292,7 @@ def sampling_arguments(do_sample: bool, top_p: float, temperature: float, fast_s
         processors.append(TemperatureLogitsWarper(temperature))
     if top_p < 1.0:
         processors.append(SortFreeTopP(top_p))
-    processors.append(ReplayedMultinomial())
+    processors.append(ReplayedMultinomial(generator))
     return {"do_sample": False, "top_p": None, "temperature": None, "logits_processor": processors}
 
 
@@ -251,40 +307,64 @@ def _prompt_groups(prompt_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor
     return firsts, expand
 
 
+class _BatchInThread(threading.local):
+    """What the run's hooks need to know of the batch that the calling thread generates: hooks are
+    registered once per run, and batches may run in several threads at once."""
+
+    def __init__(self) -> None:
+        self.captured: list[torch.Tensor] = []  # per forward: (b, d) float32, the last position's lm_head input
+        self.groups: tuple[torch.Tensor, torch.Tensor] | None = None  # until its prefill ran: (firsts, expand)
+
+
+@contextmanager
+def _capturing_head_inputs(model: nn.Module, running: _BatchInThread) -> Iterator[None]:
+    """`captured_head_inputs`, into the list of the thread that calls the model."""
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        running.captured.append(args[0][:, -1, :].detach().to("cpu", torch.float32))  # (b, positions, d) -> (b, d)
+
+    handle = output_layer(model).register_forward_pre_hook(hook)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 _ROW_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "inputs_embeds")
 
 
 @contextmanager
-def shared_prefill(model: nn.Module, firsts: torch.Tensor, expand: torch.Tensor) -> Iterator[None]:
-    """Run the model's next forward on rows `firsts` only, then gather its logits and cache to rows `expand`.
+def _sharing_prefills(model: nn.Module, running: _BatchInThread) -> Iterator[None]:
+    """Run each thread's next forward, while it has `running.groups` = (firsts, expand), on rows `firsts`
+    only, then gather its logits and cache to rows `expand`.
 
     For `model.generate` on a batch whose rows repeat prompts: its first forward is the prefill of the
     whole padded batch (b, L); it runs on the u distinct rows (u, L) at the same width, so every kept row
     computes exactly what it would have, and the result is gathered back to (b, ...) before decoding.
     firsts (u,) a row of each distinct prompt; expand (b,) the distinct index of every row.
     """
-    rows = expand.shape[0]
-    state = {"pending": True}
 
     def before(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
-        if not state["pending"]:
+        if running.groups is None:
             return None
-        if args or kwargs.get("input_ids") is None or kwargs["input_ids"].shape[0] != rows:
-            raise RuntimeError("shared_prefill expects generate's prefill: keyword input_ids of the whole batch")
+        firsts, expand = running.groups
+        if args or kwargs.get("input_ids") is None or kwargs["input_ids"].shape[0] != expand.shape[0]:
+            raise RuntimeError("shared prefill expects generate's prefill: keyword input_ids of the whole batch")
         index = firsts.to(kwargs["input_ids"].device)
         return args, {key: value.index_select(0, index) if key in _ROW_INPUTS and torch.is_tensor(value) else value
                       for key, value in kwargs.items()}
 
     def after(_module: nn.Module, _args: tuple[Any, ...], _kwargs: dict[str, Any], output: Any) -> Any:
-        if not state["pending"]:
+        if running.groups is None:
             return None
-        state["pending"] = False
+        _firsts, expand = running.groups
+        running.groups = None
         index = expand.to(output.logits.device)
         output.logits = output.logits.index_select(0, index)  # (u, 1, vocab) -> (b, 1, vocab)
         cache = getattr(output, "cache", None)  # earlier transformers 5 releases: past_key_values
         cache = getattr(output, "past_key_values", None) if cache is None else cache
         if cache is None:
-            raise RuntimeError("shared_prefill needs the prefill's KV cache (use_cache=True)")
+            raise RuntimeError("shared prefill needs the prefill's KV cache (use_cache=True)")
         cache.reorder_cache(index)  # every layer's keys and values: (u, heads, L, hd) -> (b, heads, L, hd)
         return output
 

@@ -66,16 +66,19 @@ class SortFreeTopP(LogitsProcessor):
 class ReplayedMultinomial(LogitsProcessor):
     """The last processor of a sampled `generate` that runs greedily (`do_sample=False`): it samples each row
     as generate's sampling step would (softmax of the processed scores, then `torch.multinomial(probs, 1)`
-    on the default generator), through `replayed_multinomial`, and leaves only that token finite, so
-    generate's argmax takes it."""
+    on `generator`, by default the default generator), through `replayed_multinomial`, and leaves only that
+    token finite, so generate's argmax takes it. With a generator of its own, a generate may run beside
+    others in threads: seeded alike, it draws what the default generator would."""
 
-    def __init__(self) -> None:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
         self.uniform = torch.empty(0, dtype=torch.float64)  # reused by every step of one generate
+        self.generator = generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.uniform.numel() < scores.numel():
             self.uniform = torch.empty(scores.numel(), dtype=torch.float64)
-        tokens = replayed_multinomial(torch.nn.functional.softmax(scores, dim=-1), self.uniform)  # (rows,)
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        tokens = replayed_multinomial(probs, self.uniform, self.generator)  # (rows,)
         chosen = torch.full_like(scores, -float("inf"))
         return chosen.scatter_(1, tokens[:, None].to(scores.device), 0.0)  # type: ignore[return-value]
 
@@ -83,12 +86,15 @@ class ReplayedMultinomial(LogitsProcessor):
 _NEAR_TIE = 1e-5  # candidates this close to their row's best get q from libm's log1p, as torch computes it
 
 
-def replayed_multinomial(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
-    """`torch.multinomial(probs, 1)[:, 0]` for probs (rows, vocab): the same tokens and the same default
-    generator state afterwards, with exponentials computed only where probs > 0. uniform: an optional
-    float64 buffer of at least rows·vocab entries for the draws (overwritten)."""
-    tokens = _replay(probs, uniform) if _replayable(probs) and _torch_draws_as_replayed() else None
-    return torch.multinomial(probs, 1)[:, 0] if tokens is None else tokens
+def replayed_multinomial(probs: torch.Tensor, uniform: torch.Tensor | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """`torch.multinomial(probs, 1, generator=generator)[:, 0]` for probs (rows, vocab): the same tokens and
+    the same generator state afterwards (default: the default generator), with exponentials computed only
+    where probs > 0. uniform: an optional float64 buffer of at least rows·vocab entries for the draws
+    (overwritten)."""
+    generator = torch.default_generator if generator is None else generator
+    tokens = _replay(probs, generator, uniform) if _replayable(probs) and _torch_draws_as_replayed() else None
+    return torch.multinomial(probs, 1, generator=generator)[:, 0] if tokens is None else tokens
 
 
 def _replayable(probs: torch.Tensor) -> bool:
@@ -96,8 +102,8 @@ def _replayable(probs: torch.Tensor) -> bool:
             and probs.is_contiguous() and not probs.requires_grad)
 
 
-def _replay(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The tokens, with the default generator advanced past the draws; None (the generator as it was) where
+def _replay(probs: torch.Tensor, generator: torch.Generator, uniform: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The tokens, with `generator` advanced past the draws; None (the generator as it was) where
     torch must sample: non-finite, negative or all-zero rows (its checks raise its errors) or a u = 0 draw."""
     rows, vocab = probs.shape
     p = probs.numpy()
@@ -106,12 +112,12 @@ def _replay(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.T
     values = p.reshape(-1)[flat]  # (n,)
     if np.bincount(row, minlength=rows).min() == 0 or not (np.isfinite(values).all() and (values > 0).all()):
         return None
-    before = torch.get_rng_state()
+    before = generator.get_state()
     if uniform is None or uniform.numel() < rows * vocab:
         uniform = torch.empty(rows * vocab, dtype=torch.float64)
-    u = uniform[: rows * vocab].uniform_().numpy()  # (rows·vocab,) entry i's u, as exponential_ would draw it
+    u = uniform[: rows * vocab].uniform_(generator=generator).numpy()  # (rows·vocab,) entry i's u, as exponential_ draws it
     if not u.all():  # u = 0 outside the nucleus makes p / q = 0 / 0 = nan, which torch's argmax would pick
-        torch.set_rng_state(before)
+        generator.set_state(before)
         return None
     drawn = u[flat]  # (n,)
     ratio = values / (-np.log1p(-drawn)).astype(p.dtype)  # (n,) p / q, divided in p's dtype as torch does
@@ -130,18 +136,12 @@ def _replay(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.T
 @functools.cache
 def _torch_draws_as_replayed() -> bool:
     """Once per process: does this torch build sample as the replay assumes? (A build whose CPU
-    exponential_ draws otherwise, e.g. through MKL's streams, keeps torch.multinomial.) The default
-    generator's state is restored afterwards."""
-    saved = torch.get_rng_state()
-    try:
-        probe = torch.rand(6, 700, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 4
-        probs = probe.masked_fill(probe < 0.3, 0.0).float()  # nucleus-like zeros
-        probs = probs / probs.sum(-1, keepdim=True)
-        torch.manual_seed(1234)
-        expected = torch.multinomial(probs, 1)[:, 0]
-        after = torch.get_rng_state()
-        torch.manual_seed(1234)
-        got = _replay(probs)
-        return got is not None and torch.equal(got, expected) and torch.equal(torch.get_rng_state(), after)
-    finally:
-        torch.set_rng_state(saved)
+    exponential_ draws otherwise, e.g. through MKL's streams, keeps torch.multinomial.) It draws from
+    generators of its own, so no other generator moves."""
+    probe = torch.rand(6, 700, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 4
+    probs = probe.masked_fill(probe < 0.3, 0.0).float()  # nucleus-like zeros
+    probs = probs / probs.sum(-1, keepdim=True)
+    torch_draws, replay_draws = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+    expected = torch.multinomial(probs, 1, generator=torch_draws)[:, 0]
+    got = _replay(probs, replay_draws)
+    return got is not None and torch.equal(got, expected) and torch.equal(replay_draws.get_state(), torch_draws.get_state())

@@ -95,7 +95,7 @@ def test_evaluation_quick_shared_prefill_samples_the_same_tokens() -> None:
     record = run_benchmark("evaluation")
     m = record["measurements"]
     assert record["tokens_agree"] is True and record["states_agree"] is True
-    assert m["identical_rows"] == m["rows"] == 8 * 4 and m["max_abs_state_diff"] <= 1e-5 * m["max_abs_state"]
+    assert m["identical_rows"] == m["rows"] == 2 * 8 * 4 and m["max_abs_state_diff"] <= 1e-5 * m["max_abs_state"]
     assert 0 < m["generated_tokens"] <= 8 * 4 * 6 and m["prompt_tokens"] > 0
 
 

@@ -1,16 +1,21 @@
 """Step 1 on tiny models: captured states are the ones that chose each token, batching changes nothing;
 sharing a prompt's prefill among its samples, filtering the nucleus without an argsort and replaying
-torch.multinomial's draws change no token and no state."""
+torch.multinomial's draws change no token and no state; batches run side by side give what one batch at a
+time gives."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 from eigenshift_core.errors import InputError
-from eigenshift_core.generation import capture_continuation_states, generate_continuations
+from eigenshift_core.generation import Continuations, capture_continuation_states, generate_continuations
 from eigenshift_core.intervention import Intervention
-from eigenshift_core.loading import LoadedModel, lm_head_weight
+from eigenshift_core.loading import LoadedModel, lm_head_weight, output_layer
+from eigenshift_core.progress import Cancelled
 from eigenshift_core.prompts import load_prompts
 from tests.conftest import RTP_CSV
 
@@ -159,3 +164,107 @@ def test_progress_is_reported_after_every_batch(tiny_llama: LoadedModel) -> None
     capture_continuation_states(tiny_llama, PROMPTS, CONTINUATIONS, batch_size=3,
                                 on_progress=lambda done, total: calls.append((done, total)))
     assert calls == [(3, 4), (4, 4)]
+
+
+# --- batches side by side (workers) -------------------------------------------------------------------------
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def generating_threads(lm: LoadedModel) -> tuple[set[int], Callable[[], None]]:
+    """The idents of the threads that run the model's forwards, and a function that stops recording them."""
+    seen: set[int] = set()
+    handle = lm.model.register_forward_pre_hook(lambda *_: seen.add(threading.get_ident()))
+    return seen, handle.remove
+
+
+def one_thread_one_batch_at_a_time(lm: LoadedModel, prompts: list[str], **kwargs: object) -> Continuations:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return generate_continuations(lm, prompts, workers=1, **kwargs)  # type: ignore[arg-type]
+    finally:
+        torch.set_num_threads(before)
+
+
+def assert_identical(got: Continuations, expected: Continuations) -> None:
+    assert torch.equal(got.token_ids, expected.token_ids) and torch.equal(got.lengths, expected.lengths)
+    assert torch.equal(got.states, expected.states) and got.texts == expected.texts
+
+
+@pytest.mark.parametrize("share_prefill", [True, False])
+@pytest.mark.parametrize("mode", ["sampled", "greedy", "sampled with an intervention"])
+def test_batches_side_by_side_give_what_one_batch_at_a_time_gives(
+    tiny: LoadedModel, two_threads: None, mode: str, share_prefill: bool,
+) -> None:
+    kwargs: dict = {"samples": 3, "max_new_tokens": 6, "batch_size": 2, "seed": 4, "share_prefill": share_prefill,
+                    **({} if mode == "greedy" else SAMPLED)}
+    if mode == "sampled with an intervention":
+        kwargs["intervention"] = damping(tiny)
+    expected = one_thread_one_batch_at_a_time(tiny, PROMPTS, **kwargs)
+    threads, stop_recording = generating_threads(tiny)
+    try:
+        got = generate_continuations(tiny, PROMPTS, **kwargs)  # default workers: 2 here, one thread each
+    finally:
+        stop_recording()
+    assert len(threads) == 2 and threading.get_ident() not in threads  # six batches, two worker threads
+    assert_identical(got, expected)
+    assert not tiny.model._forward_hooks and not tiny.model._forward_pre_hooks
+    assert not output_layer(tiny.model)._forward_pre_hooks
+
+
+def test_batches_side_by_side_on_embedded(embedded: LoadedModel, two_threads: None) -> None:
+    prompts = load_prompts(RTP_CSV, "0:4").texts
+    kwargs = {"samples": 3, "max_new_tokens": 4, "batch_size": 4, "seed": 11, "intervention": damping(embedded, k=8),
+              **SAMPLED}
+    assert_identical(generate_continuations(embedded, prompts, **kwargs),  # type: ignore[arg-type]
+                     one_thread_one_batch_at_a_time(embedded, prompts, **kwargs))
+
+
+def test_batches_side_by_side_leave_torch_as_they_found_it(tiny_llama: LoadedModel, two_threads: None) -> None:
+    """The global generator does not move (each batch draws from its own), and torch's thread count is
+    back, also for threads started afterwards (a worker's torch.set_num_threads sets their default)."""
+    rng = torch.get_rng_state()
+    generate_continuations(tiny_llama, PROMPTS, samples=2, max_new_tokens=3, batch_size=2, **SAMPLED)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.get_num_threads() == 2
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]
+
+
+def test_a_cancel_starts_no_further_batch(tiny_llama: LoadedModel, two_threads: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+    generate = tiny_llama.model.generate
+
+    def counting(*args: object, **kwargs: object) -> object:
+        started.append(1)
+        return generate(*args, **kwargs)
+
+    def cancel(_done: int, _total: int) -> None:
+        raise Cancelled("stop")
+
+    monkeypatch.setattr(tiny_llama.model, "generate", counting)
+    with pytest.raises(Cancelled):  # 24 rows in batches of 1: 24 batches
+        generate_continuations(tiny_llama, PROMPTS, samples=6, max_new_tokens=4, batch_size=1, on_progress=cancel)
+    assert 1 <= len(started) <= 6  # the first batch and those running beside it when it ended, not the rest
+    assert torch.get_num_threads() == 2
+    assert not output_layer(tiny_llama.model)._forward_pre_hooks
+
+
+def test_workers_are_checked(tiny_llama: LoadedModel) -> None:
+    with pytest.raises(InputError) as error:
+        generate_continuations(tiny_llama, PROMPTS, workers=0)
+    assert error.value.field == "workers"
+    with pytest.raises(InputError, match="transformers' sampler"):  # it draws from torch's global generator
+        generate_continuations(tiny_llama, PROMPTS, workers=2, fast_sampling=False, **SAMPLED)
