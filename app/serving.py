@@ -442,10 +442,10 @@ class Decoder:
         # Rows whose prompt needed chunks, each with its own cache: merged into `_batch`, one such row would
         # left-pad every other row's cache to its length and make every decode step attend over it.
         self._long: list[_Block] = []
-        # The rows waiting when the current step began: it takes some out of `_waiting` before they are in a
-        # block, and if it fails, `clear` must still hand them back, ended in it or not (none was reported yet,
-        # and their callers would wait forever).
-        self._joining: list[Row] = []
+        # The rows live when the current step began: none is reported before the step returns, so if it fails,
+        # `clear` must hand every one back, whether the step had taken it out of `_waiting` (not yet in a block)
+        # or it had ended in the step (no longer live), or their callers would wait forever.
+        self._stepping: list[Row] = []
 
     @property
     def rows(self) -> int:
@@ -460,7 +460,7 @@ class Decoder:
     def live_rows(self) -> list[Row]:
         running = [row for block in self._running() for row in block.rows if not row.ended]
         partial = self._partial.rows if self._partial else []
-        return list(dict.fromkeys([*self._joining, *self._waiting, *partial, *running]))  # in order, once each
+        return list(dict.fromkeys([*self._waiting, *partial, *running]))  # in order, once each
 
     def _running(self) -> list[_Block]:
         return [*([self._batch] if self._batch is not None else []), *self._long]
@@ -486,19 +486,20 @@ class Decoder:
         return dropped
 
     def clear(self) -> list[Row]:
-        """Let every row go (after a failed step: the cache may be half-updated); those rows."""
-        rows = self.live_rows()
+        """Let every row go (after a failed step: the cache may be half-updated); those rows, with those that
+        the failed step had taken in or ended (none of them was reported)."""
+        rows = list(dict.fromkeys([*self._stepping, *self.live_rows()]))
         self._waiting.clear()
         self._partial = self._batch = None
-        self._long, self._joining = [], []
+        self._long, self._stepping = [], []
         return rows
 
     @torch.inference_mode()
     def step(self) -> list[Row]:
         """One scheduling step; the rows that ended in it, in no particular order."""
+        self._stepping = self.live_rows()
         ended = [row for row in self._waiting if row.ended]  # a budget of 0
         self._waiting = deque(row for row in self._waiting if not row.ended)
-        self._joining = list(self._waiting)
         cached = self._from_cache()
         ended += [row for block in cached for row in block.rows if row.ended]
         group, chunk = self._prefill()
@@ -522,7 +523,7 @@ class Decoder:
                       if (merged := _merge([block], self.compact)) is not None]
         for block in self._long:
             ended += self._decode(block)
-        self._joining = []
+        self._stepping = []
         return ended
 
     def _forward(self, rows: Sequence[Row], input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,

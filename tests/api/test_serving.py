@@ -394,3 +394,24 @@ def test_a_failed_step_hands_back_the_rows_it_took_in(embedded: LoadedModel, mon
     handed_back = decoder.clear()
     assert all(any(row is r for r in handed_back) for row in [running, *joining])
     assert len(handed_back) == 3 and decoder.idle
+
+
+def test_a_failed_step_hands_back_a_running_row_that_ended_in_it(embedded: LoadedModel,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row that takes its last token in a step that then fails was never reported: `clear` returns it, so
+    `Batcher` fails its caller instead of leaving it waiting."""
+    decoder = Decoder(embedded, prefill_tokens=256)
+    ending = decoder.add(GenerationRequest("Once upon a time", 3, 0.0, 1.0, 0))
+    staying = decoder.add(GenerationRequest("The weather today is", 8, 0.0, 1.0, 0))
+    assert decoder.step() == []  # both prefilled and decoded once: two tokens each
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("the model failed")
+
+    monkeypatch.setattr(Decoder, "_chunk_done", broken)  # runs after the batch's decode
+    with pytest.raises(RuntimeError, match="the model failed"):
+        decoder.step()  # `ending` takes its third and last token, then the step fails
+    assert ending.ended and len(ending.tokens) == 3 and not staying.ended
+    handed_back = decoder.clear()
+    assert len(handed_back) == 2 and {id(row) for row in handed_back} == {id(ending), id(staying)}
+    assert decoder.idle and decoder.clear() == []
