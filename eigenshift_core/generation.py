@@ -43,6 +43,7 @@ from eigenshift_core.loading import LoadedModel, Tokenizer, output_layer
 from eigenshift_core.sampling import ReplayedMultinomial, SortFreeTopP
 
 Span = tuple[int, int]
+_BatchResult = tuple[list[int], torch.Tensor, torch.Tensor]  # rows, new token ids (b, steps), states (b, steps, d)
 Progress = Callable[[int, int], None]  # (rows done, total rows), called after every batch
 
 
@@ -211,9 +212,8 @@ def generate_continuations(
         workers = 1 if global_draws or model.device.type != "cpu" else min(torch.get_num_threads(), len(batches))
     running = _BatchInThread()
 
-    def one_batch(number: int, rows: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    def one_batch(number: int, rows: list[int], padded: dict[str, torch.Tensor]) -> _BatchResult:
         """(rows, new token ids (b, steps), the states that chose them (b, steps, d)) of one batch."""
-        padded = tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]}, return_tensors="pt")
         batch = {key: value.to(model.device) for key, value in padded.items()}
         groups = _prompt_groups([row_prompt[r] for r in rows]) if share_prefill else None
         running.captured, running.groups = [], groups
@@ -240,7 +240,11 @@ def generate_continuations(
         if share_prefill:
             stack.enter_context(_sharing_prefills(model, running))
         done = 0
-        results = _in_order(one_batch, list(enumerate(batches)), workers)
+        # Padded here, in the calling thread: the tokenizer is not shared with the workers.
+        inputs = [(number, rows, dict(tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]},
+                                                     return_tensors="pt")))
+                  for number, rows in enumerate(batches)]
+        results = _in_order(one_batch, inputs, workers)
         for rows, new, steps in tqdm(results, total=len(batches), desc="generate", disable=not progress):
             for j, row in enumerate(rows):
                 length = _length_before_stop(new[j].tolist(), stop)
