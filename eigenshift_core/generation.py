@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -244,7 +244,9 @@ def generate_continuations(
         inputs = [(number, rows, dict(tokenizer.pad({"input_ids": [encoded[row_prompt[r]] for r in rows]},
                                                      return_tensors="pt")))
                   for number, rows in enumerate(batches)]
-        results = _in_order(one_batch, inputs, workers)
+        # Closed on the way out, before the hooks go: a batch still running when the consumer stops (an error,
+        # a cancel raised from on_progress) finishes under them, and none starts after.
+        results = stack.enter_context(closing(_in_order(one_batch, inputs, workers)))
         for rows, new, steps in tqdm(results, total=len(batches), desc="generate", disable=not progress):
             for j, row in enumerate(rows):
                 length = _length_before_stop(new[j].tolist(), stop)
@@ -261,7 +263,7 @@ def generate_continuations(
 T = TypeVar("T")
 
 
-def _in_order(run: Callable[..., T], arguments: list[tuple[Any, ...]], workers: int) -> Iterator[T]:
+def _in_order(run: Callable[..., T], arguments: list[tuple[Any, ...]], workers: int) -> Generator[T, None, None]:
     """run(*a) for each a, yielded in order; with workers > 1, that many at once in threads, each with
     torch's threads divided among them. Once the consumer stops (an error, a cancel raised from progress),
     no further call starts, the running ones finish, and torch's thread count is restored."""
