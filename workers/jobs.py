@@ -48,8 +48,11 @@ RENEW_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS[1] the lease, KEYS[2] the in-flight set; ARGV holder, job id. One step, so no reader ever sees the job in
+# flight without a lease (what the reaper takes for a dead worker); a lease another task took keeps its mark.
 RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[2]) end
 return 0
 """
 # KEYS[1] the lease, KEYS[2] the in-flight set; ARGV job id. Only a job nobody holds leaves the set.
@@ -312,9 +315,9 @@ class JobStore:
         return bool(self.redis.eval(RENEW_LEASE, 1, self._lease(job_id), holder, int(ttl_s * 1000)))
 
     def release(self, job_id: str, holder: str) -> None:
-        """The step is over (whatever its outcome): drop the lease if still ours, and the in-flight mark."""
-        self.redis.eval(RELEASE_LEASE, 1, self._lease(job_id), holder)
-        self.redis.srem(self._running, job_id)
+        """The step is over (whatever its outcome): drop the lease if still ours, and the in-flight mark unless
+        another task holds the lease now (it is in flight again, as that task's)."""
+        self.redis.eval(RELEASE_LEASE, 2, self._lease(job_id), self._running, holder, job_id)
 
     def in_flight_without_lease(self) -> builtins.list[str]:
         """Jobs marked in flight whose lease expired: their worker died or hung past the lease."""

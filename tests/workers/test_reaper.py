@@ -108,3 +108,17 @@ def test_only_the_holder_renews_or_releases_a_lease(worker_settings: Settings) -
     assert not jobs.claim(record.id, "c", 60)  # b's release did nothing
     jobs.release(record.id, "a")
     assert jobs.claim(record.id, "c", 60)
+
+
+def test_a_late_release_keeps_the_in_flight_mark_of_the_task_that_took_the_lease(worker_settings: Settings) -> None:
+    jobs = JobStore(connect(worker_settings), worker_settings.key_prefix)
+    record, _ = jobs.create("generate", {}, ["generate"])
+    assert jobs.claim(record.id, "a", 60)
+    jobs.redis.delete(jobs._lease(record.id))  # a's lease expired (a hung) ...
+    assert jobs.claim(record.id, "b", 60)  # ... and a redelivered twin took the job
+    jobs.release(record.id, "a")  # a's step ends after all
+    assert jobs.redis.get(jobs._lease(record.id)) == "b" and jobs.in_flight_without_lease() == []
+    jobs.redis.delete(jobs._lease(record.id))  # b dies: its lease expires too
+    assert jobs.in_flight_without_lease() == [record.id]  # so the reaper finds the job
+    jobs.release(record.id, "b")
+    assert jobs.in_flight_without_lease() == [] and not jobs.redis.sismember(jobs._running, record.id)
