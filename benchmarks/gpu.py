@@ -5,7 +5,11 @@
    of the dtype's rounding) and the same top token at ≥ 99% of the positions; the edit must change them.
 2. scheduler: 16 requests, half detoxified, some sampled, joining the continuous batcher's running batch three
    per step with prompts fed in chunks; every row's tokens must equal those of the same request decoded alone.
-3. decompose: our Gram + eigh decomposition (`decompose_lm_head`) of a synthetic 32000×4096 head on the device
+3. sampling: `generate_continuations` sampled on the device (top-p 0.95), the steps' way (shared prefill, the
+   fast sampler) against transformers' own (every row prefilled, its warper and draw), with an intervention:
+   the same tokens for the same seed (a sampler that draws from another generator than transformers' would
+   show here), and again the same on a second run.
+4. decompose: our Gram + eigh decomposition (`decompose_lm_head`) of a synthetic 32000×4096 head on the device
    against a reference SVD (torch.linalg.svd on the GPU; numpy on the CPU): top-64 directions |cos| ≥ 0.999.
 
 ratio = checks passed / checks (target ≥ 1). On CUDA when there is one; `--device cpu --quick` runs the same
@@ -111,6 +115,25 @@ def scheduler(device: str, dtype: str, tokens: int) -> dict[str, Any]:
             "mixed_tokens_per_s": round(generated / seconds, 2), "dtype": dtype}
 
 
+def sampling(device: str, dtype: str, quick: bool) -> dict[str, Any]:
+    """The steps' sampling against transformers' on the device: same seed, same tokens, twice."""
+    from eigenshift_core.generation import generate_continuations
+    from eigenshift_core.loading import load_model
+
+    lm = load_model("embedded", device=device, dtype=dtype)
+    edit = random_intervention(lm.lm_head.in_features, 32, alpha=0.0)
+    prompts = rtp_prompts(4 if quick else 16)
+    kwargs: dict[str, Any] = {"samples": 3, "max_new_tokens": 6 if quick else 20, "batch_size": 8,
+                              "do_sample": True, "top_p": 0.95, "temperature": 1.0, "seed": 7, "intervention": edit}
+    ours, seconds = timed(lambda: generate_continuations(lm, prompts, **kwargs))
+    again = generate_continuations(lm, prompts, **kwargs)
+    theirs = generate_continuations(lm, prompts, share_prefill=False, fast_sampling=False, **kwargs)
+    identical = int(((ours.token_ids == theirs.token_ids).all(1) & (ours.lengths == theirs.lengths)).sum())
+    repeatable = torch.equal(ours.token_ids, again.token_ids)
+    return {"passed": identical == len(ours) and repeatable, "rows": len(ours), "identical_rows": identical,
+            "repeatable": repeatable, "tokens_per_s": round(int(ours.lengths.sum()) / seconds, 2), "dtype": dtype}
+
+
 def decompose(device: str, quick: bool) -> dict[str, Any]:
     from eigenshift_core.spectrum import decompose_lm_head
 
@@ -144,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checks[f"exactness_{dtype}"] = exactness(device, dtype)
     log("scheduler")
     checks["scheduler"] = scheduler(device, "float16" if device == "cuda" else "float32", 8 if args.quick else 24)
+    log("sampling")
+    checks["sampling"] = sampling(device, "float16" if device == "cuda" else "float32", args.quick)
     log("decompose")
     checks["decompose"] = decompose(device, args.quick)
     passed = sum(check["passed"] for check in checks.values())

@@ -185,19 +185,22 @@ def generate_continuations(
     workers: batches generated at once, each in a thread with torch's threads divided among them; by
     default, on a CPU, one batch per torch thread (a batch of 32 rows uses one core better than two cores
     share one batch's small matmuls), else 1. A batch's tokens depend on its own thread count only, never
-    on its neighbours. transformers' sampler (do_sample without fast_sampling) draws from torch's global
-    generator, so it runs one batch at a time.
+    on its neighbours. transformers' sampler (do_sample without fast_sampling), and sampling off the CPU, draw
+    from torch's global generator, so they run one batch at a time.
     on_progress(rows done, total rows) is called after every batch, in batch order, from the calling thread.
     The paper's protocol is samples=25, max_new_tokens=20, do_sample=True, top_p=0.95, temperature=1.0.
     """
     _check_prompts(prompts)
     if samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise InputError("samples, max_new_tokens and batch_size must be at least 1", field="samples")
-    global_draws = do_sample and not fast_sampling
-    if workers is not None and (workers < 1 or (workers > 1 and global_draws)):
-        raise InputError("workers must be at least 1, and 1 with transformers' sampler (fast_sampling=False)",
-                         field="workers")
     tokenizer, model = lm.tokenizer, lm.model
+    # On a CPU a batch's fast sampler draws from a generator of its own; transformers' sampler, and any sampler
+    # on another device, from the device's global generator, seeded per batch.
+    own_draws = fast_sampling and model.device.type == "cpu"
+    global_draws = do_sample and not own_draws
+    if workers is not None and (workers < 1 or (workers > 1 and global_draws)):
+        raise InputError("workers must be at least 1, and 1 where sampling draws from torch's global generator "
+                         "(transformers' sampler, fast_sampling=False, or a model off the CPU)", field="workers")
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     if any(len(ids) == 0 for ids in encoded):
         raise InputError("a prompt is empty after tokenization", field="prompts")
@@ -217,7 +220,8 @@ def generate_continuations(
         batch = {key: value.to(model.device) for key, value in padded.items()}
         groups = _prompt_groups([row_prompt[r] for r in rows]) if share_prefill else None
         running.captured, running.groups = [], groups
-        draws = torch.Generator().manual_seed(seed + number)  # the stream that torch.manual_seed(seed + number) starts
+        # the stream that torch.manual_seed(seed + number) starts, as a generator of this batch (CPU only)
+        draws = torch.Generator().manual_seed(seed + number) if own_draws else None
         if global_draws:
             torch.manual_seed(seed + number)
         with torch.inference_mode():  # a mode of the calling thread: each worker sets its own

@@ -89,11 +89,13 @@ _NEAR_TIE = 1e-5  # candidates this close to their row's best get q from libm's 
 def replayed_multinomial(probs: torch.Tensor, uniform: torch.Tensor | None = None,
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """`torch.multinomial(probs, 1, generator=generator)[:, 0]` for probs (rows, vocab): the same tokens and
-    the same generator state afterwards (default: the default generator), with exponentials computed only
-    where probs > 0. uniform: an optional float64 buffer of at least rows·vocab entries for the draws
+    the same generator state afterwards (default: the default generator of probs' device), with exponentials
+    computed only where probs > 0 (on a CPU). uniform: an optional float64 buffer of at least rows·vocab entries for the draws
     (overwritten)."""
-    generator = torch.default_generator if generator is None else generator
-    tokens = _replay(probs, generator, uniform) if _replayable(probs) and _torch_draws_as_replayed() else None
+    tokens = None
+    if _replayable(probs) and _torch_draws_as_replayed():
+        tokens = _replay(probs, torch.default_generator if generator is None else generator, uniform)
+    # No generator: the probabilities' device's default one (a CUDA tensor draws from CUDA's).
     return torch.multinomial(probs, 1, generator=generator)[:, 0] if tokens is None else tokens
 
 

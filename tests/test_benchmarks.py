@@ -115,7 +115,8 @@ def test_healthz_quick_answers_probes_and_refusals_under_load() -> None:
 def test_gpu_checks_pass_on_cpu_quick() -> None:
     record = run_benchmark("gpu", "--device", "cpu")
     m = record["measurements"]
-    assert set(m) == {"exactness_float16", "exactness_bfloat16", "scheduler", "decompose"}
+    assert set(m) == {"exactness_float16", "exactness_bfloat16", "scheduler", "sampling", "decompose"}
+    assert m["sampling"]["identical_rows"] == m["sampling"]["rows"] == 12 and m["sampling"]["repeatable"] is True
     assert record["settings"]["device"] == "cpu" and m["decompose"]["shape"] == [8000, 1024]
     for dtype in ("float16", "bfloat16"):
         assert set(m[f"exactness_{dtype}"]) >= {"w_prime", "hf_export", "lora_export"}
