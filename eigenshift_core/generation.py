@@ -111,18 +111,11 @@ class Continuations:
 
 @contextmanager
 def captured_head_inputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the last-position lm_head input, (batch, d) float32 on CPU, of every forward inside the block."""
-    captured: list[torch.Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        hidden = args[0]  # (batch, positions, d): all positions or only the last one
-        captured.append(hidden[:, -1, :].detach().to("cpu", torch.float32))
-
-    handle = output_layer(model).register_forward_pre_hook(hook)  # type: ignore[arg-type]
-    try:
-        yield captured
-    finally:
-        handle.remove()
+    """Collect the last-position lm_head input, (batch, d) float32 on CPU, of every forward that the calling
+    thread runs inside the block."""
+    running = _BatchInThread()
+    with _capturing_head_inputs(model, running):
+        yield running.captured
 
 
 def stop_token_ids(lm: LoadedModel) -> set[int]:
@@ -328,10 +321,12 @@ class _BatchInThread(threading.local):
 
 @contextmanager
 def _capturing_head_inputs(model: nn.Module, running: _BatchInThread) -> Iterator[None]:
-    """`captured_head_inputs`, into the list of the thread that calls the model."""
+    """The last-position lm_head input of every forward, (b, d) float32 on CPU, appended to the `captured` list
+    of the thread that runs it."""
 
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        running.captured.append(args[0][:, -1, :].detach().to("cpu", torch.float32))  # (b, positions, d) -> (b, d)
+        hidden = args[0]  # (b, positions, d): all positions or only the last one
+        running.captured.append(hidden[:, -1, :].detach().to("cpu", torch.float32))
 
     handle = output_layer(model).register_forward_pre_hook(hook)  # type: ignore[arg-type]
     try:
